@@ -1,0 +1,1 @@
+"""The layervault node agent and coordinator (``import layervault.agent``)."""

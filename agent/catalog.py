@@ -1,0 +1,74 @@
+"""The catalog: which checkpoints are committed, read straight from storage.
+
+Storage is the only truth: a checkpoint exists iff its manifest object exists. The
+coordinator keeps an in-memory cache of decoded manifests on top of this (rebuildable at
+any time), and ``layervault show --storage URL`` uses the same code with no service running.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator, Mapping
+
+from layervault.agent import keys
+from layervault.agent.manifest import Manifest, decode_manifest, matches
+from layervault.agent.storage import ObjectNotFound, ObjectStore
+from layervault.errors import NotFoundError
+
+
+class Catalog:
+    """Lists and resolves committed checkpoints of a store; caches manifests (immutable once written)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._cache: dict[str, Manifest] = {}
+        self._lock = threading.Lock()
+
+    def manifest_keys(self, job: str = "", kind: str = "") -> Iterator[tuple[str, str, int, str]]:
+        """(job, kind, step, key) of every committed checkpoint, optionally of one job/kind."""
+        prefix = keys.kind_prefix(job, kind) if job and kind else (f"{keys.check_job(job)}/" if job else "")
+        for key in self.store.list(prefix):
+            parsed = keys.parse_manifest_key(key)
+            if parsed and (not kind or parsed[1] == kind):
+                yield (*parsed, key)
+
+    def manifest(self, key: str) -> Manifest:
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            manifest = decode_manifest(self.store.get(key), source=f"{self.store.url}/{key}")
+        except ObjectNotFound as exc:
+            raise NotFoundError(f"no manifest at {self.store.url}/{key}") from exc
+        with self._lock:
+            self._cache[key] = manifest
+        return manifest
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._cache.pop(key, None)
+
+    def checkpoints(self, job: str = "", kind: str = "") -> list[tuple[str, Manifest]]:
+        """(manifest key, manifest) pairs sorted by job, kind, step."""
+        found = sorted(self.manifest_keys(job, kind))
+        return [(key, self.manifest(key)) for _, _, _, key in found]
+
+    def resolve(self, job: str, kind: str, selector: Mapping[str, str]) -> tuple[str, Manifest]:
+        """The newest committed checkpoint whose training keys match ``selector``."""
+        keys.check_job(job)
+        keys.check_kind(kind)
+        if set(selector) == {"step"}:  # direct hit, no listing needed
+            key = keys.manifest_key(job, kind, int(selector["step"]))
+            if self.store.exists(key):
+                return key, self.manifest(key)
+            raise NotFoundError(f"no committed {kind} checkpoint of job {job!r} with step={selector['step']}")
+        candidates = sorted(self.manifest_keys(job, kind), key=lambda item: item[2], reverse=True)
+        if not candidates:
+            raise NotFoundError(f"job {job!r} has no committed {kind} checkpoint")
+        for _, _, _, key in candidates:
+            manifest = self.manifest(key)
+            if matches(manifest.keys, selector):
+                return key, manifest
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        raise NotFoundError(f"no committed {kind} checkpoint of job {job!r} with {wanted}")

@@ -1,0 +1,68 @@
+"""Turning exceptions into gRPC statuses, and the common server/channel settings.
+
+Every handler is wrapped so that a layervault error becomes its own status code with its
+message, a storage failure becomes UNAVAILABLE naming the store, and anything else becomes
+INTERNAL with the exception text - a user never sees a bare "Exception calling application".
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from layervault.agent.storage import ObjectNotFound, StorageError
+from layervault.errors import LayervaultError
+
+log = logging.getLogger("layervault.rpc")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, LayervaultError):
+        return exc.code, str(exc)
+    if isinstance(exc, ObjectNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, StorageError):
+        return grpc.StatusCode.UNAVAILABLE, f"storage error: {exc}"
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code(), exc.details() or str(exc.code())
+    log.exception("unexpected error in handler")
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def handler(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a unary or streaming servicer method so errors become proper statuses."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from fn(self, request, context)
+            except Exception as exc:  # noqa: BLE001
+                if context.code() is None or context.code() == grpc.StatusCode.OK:
+                    code, message = _status(exc)
+                    context.abort(code, message)
+                raise
+        return stream
+
+    @functools.wraps(fn)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            code, message = _status(exc)
+            context.abort(code, message)
+    return unary

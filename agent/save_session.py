@@ -1,0 +1,263 @@
+"""One rank's part of one save, inside the agent: staged pieces -> chunks -> durable objects.
+
+The rank's bytes arrive in the staging pool (shared memory, or copied there from gRPC
+Data messages). Each piece is cut into chunks of at most ``chunk_size`` bytes; every
+chunk is checksummed, encoded with its layer's codec chain and PUT by the shared upload
+executor, and its pool memory is freed as soon as its reservation has no pending chunk.
+When the rank has finished its hand-off and every chunk is durable, the session holds the
+rank's ShardRecords, ready to be reported to the coordinator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from concurrent.futures import Executor
+from typing import Callable
+
+from layervault.agent import keys
+from layervault.agent.checksum import crc32c
+from layervault.agent.codecs import CodecChain, choose_chain
+from layervault.agent.staging import StagingPool
+from layervault.agent.storage import ObjectStore
+from layervault.dtypes import itemsize_of
+from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError
+from layervault.proto import agent_pb2, common_pb2, manifest_pb2
+
+log = logging.getLogger("layervault.agent")
+
+
+@dataclasses.dataclass
+class Reservation:
+    """A pool extent handed to the rank; freed when all chunks staged in it are durable."""
+
+    offset: int
+    length: int
+    pending: int = 0
+    sealed: bool = False  # no more pieces will be staged into it
+
+
+@dataclasses.dataclass
+class EntryState:
+    spec: agent_pb2.EntrySpec
+    chain: list[str] | None = None
+    chunks: list[manifest_pb2.ChunkRef] = dataclasses.field(default_factory=list)
+    staged: int = 0
+    stored: int = 0
+
+
+class SaveSession:
+    """State of one (checkpoint, rank) save in this agent."""
+
+    def __init__(
+        self,
+        open_msg: agent_pb2.SaveOpen,
+        save_id: str,
+        pool: StagingPool,
+        store: ObjectStore,
+        executor: Executor,
+        chunk_size: int,
+        on_done: Callable[["SaveSession"], None],
+    ) -> None:
+        self.open = open_msg
+        self.id = open_msg.id
+        self.rank = open_msg.rank
+        self.save_id = save_id
+        self.pool = pool
+        self.store = store
+        self.executor = executor
+        self.chunk_size = chunk_size
+        self._on_done = on_done
+        self.entries = [EntryState(spec) for spec in open_msg.entries]
+        self._reservations: list[Reservation] = []
+        self._pending_chunks = 0
+        self._finished = False   # the rank sent Finish
+        self._completed = False  # on_done was called
+        self.error: LayervaultError | None = None
+        self._cond = threading.Condition()
+        self._chunk_counter = 0
+        self._validate_entries()
+
+    @property
+    def label(self) -> str:
+        return f"{self.id.job}/{self.id.kind}/step {self.id.step} rank {self.rank}"
+
+    def _validate_entries(self) -> None:
+        seen = set()
+        for entry in self.entries:
+            spec = entry.spec
+            keys.layer_segment(spec.name)
+            if spec.name in seen:
+                raise InvalidArgumentError(f"{self.label}: duplicate entry {spec.name!r}")
+            seen.add(spec.name)
+            shape = list(spec.layout.local_shape)
+            if any(d < 0 for d in shape) or any(d < 0 for d in spec.layout.global_shape):
+                raise InvalidArgumentError(f"{self.label}: entry {spec.name!r} has a negative dimension")
+            expected = itemsize_of(spec.layout.dtype)
+            for d in shape:
+                expected *= d
+            if spec.nbytes != expected:
+                raise InvalidArgumentError(
+                    f"{self.label}: entry {spec.name!r} declares {spec.nbytes} bytes, "
+                    f"but {spec.layout.dtype}{shape} holds {expected}"
+                )
+
+    # -- hand-off ---------------------------------------------------------------------------
+
+    def reserve(self, nbytes: int, timeout: float | None) -> tuple[int, int]:
+        offset, length = self.pool.allocate(nbytes, min_bytes=self.chunk_size, timeout=timeout)
+        with self._cond:
+            self._reservations.append(Reservation(offset, length))
+        return offset, length
+
+    def stage(self, pieces: list[agent_pb2.Piece]) -> None:
+        """Pieces the rank has copied into its reservations: queue their chunks for upload."""
+        for piece in pieces:
+            reservation = self._reservation_of(piece.pool_offset, piece.length)
+            self._queue_piece(piece.entry, piece.entry_offset, piece.pool_offset, piece.length, reservation)
+
+    def stage_data(self, data: agent_pb2.DataPiece, timeout: float | None) -> None:
+        """Bytes that came over gRPC: copy them into pool memory, then treat them as a piece."""
+        length = len(data.data)
+        self._check_piece(data.entry, data.entry_offset, length)
+        if length == 0:
+            return
+        offset, got = self.pool.allocate(length, min_bytes=length, timeout=timeout)
+        reservation = Reservation(offset, got)
+        with self._cond:
+            self._reservations.append(reservation)
+        self.pool.view[offset:offset + length] = data.data
+        self._queue_piece(data.entry, data.entry_offset, offset, length, reservation)
+        self._seal(reservation)
+
+    def finish(self) -> int:
+        """The rank's hand-off is complete: check every byte arrived; returns staged bytes."""
+        missing = [e.spec.name for e in self.entries if e.staged != e.spec.nbytes]
+        if missing:
+            raise InvalidArgumentError(
+                f"{self.label}: hand-off finished with incomplete entries: {', '.join(missing[:5])}"
+                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            )
+        with self._cond:
+            for reservation in self._reservations:
+                reservation.sealed = True
+            self._release_idle_reservations()
+            self._finished = True
+        self._maybe_complete()
+        return sum(e.staged for e in self.entries)
+
+    def abort(self, reason: str) -> None:
+        """Stop the save: pending chunks are not uploaded, memory is freed as they drain."""
+        with self._cond:
+            if self.error is None:
+                self.error = SaveFailedError(f"{self.label}: {reason}")
+            self._finished = True
+            for reservation in self._reservations:
+                reservation.sealed = True
+            self._release_idle_reservations()
+        self._maybe_complete()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _reservation_of(self, offset: int, length: int) -> Reservation:
+        with self._cond:
+            for reservation in self._reservations:
+                if reservation.offset <= offset and offset + length <= reservation.offset + reservation.length:
+                    return reservation
+        raise InvalidArgumentError(f"{self.label}: piece [{offset}, {offset + length}) is outside every reservation of this save")
+
+    def _check_piece(self, entry: int, entry_offset: int, length: int) -> EntryState:
+        if not 0 <= entry < len(self.entries):
+            raise InvalidArgumentError(f"{self.label}: piece names entry #{entry}, but only {len(self.entries)} were opened")
+        state = self.entries[entry]
+        if entry_offset < 0 or length < 0 or entry_offset + length > state.spec.nbytes:
+            raise InvalidArgumentError(
+                f"{self.label}: piece [{entry_offset}, {entry_offset + length}) lies outside "
+                f"entry {state.spec.name!r} of {state.spec.nbytes} bytes"
+            )
+        return state
+
+    def _queue_piece(self, entry: int, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
+        state = self._check_piece(entry, entry_offset, length)
+        if state.chain is None:
+            sample = self.pool.view[pool_offset:pool_offset + min(length, 1 << 18)]
+            state.chain = choose_chain(sample, self.open.config.compressor or "lz4", itemsize_of(state.spec.layout.dtype))
+        chain = state.chain
+        for start in range(0, length, self.chunk_size):
+            n = min(self.chunk_size, length - start)
+            with self._cond:
+                if self.error is not None:
+                    raise self.error
+                reservation.pending += 1
+                self._pending_chunks += 1
+                index = self._chunk_counter
+                self._chunk_counter += 1
+                state.staged += n
+            self.executor.submit(self._upload_chunk, state, chain, entry_offset + start, pool_offset + start, n, index, reservation)
+
+    def _upload_chunk(self, state: EntryState, chain: list[str], entry_offset: int, pool_offset: int,
+                      length: int, index: int, reservation: Reservation) -> None:
+        try:
+            if self.error is None:
+                raw = self.pool.view[pool_offset:pool_offset + length]
+                checksum = crc32c(raw)
+                body = CodecChain(chain).encode(raw) if chain else raw
+                key = keys.chunk_key(self.id.job, self.id.kind, self.id.step, state.spec.name, self.save_id, self.rank, index)
+                self.store.put(key, body)
+                ref = manifest_pb2.ChunkRef(key=key, raw_offset=entry_offset, raw_size=length,
+                                            stored_size=len(body), crc32c=checksum)
+                with self._cond:
+                    state.chunks.append(ref)
+                    state.stored += len(body)
+        except Exception as exc:  # noqa: BLE001 - any failure fails the save, with its cause
+            log.exception("%s: upload of layer %r failed", self.label, state.spec.name)
+            with self._cond:
+                if self.error is None:
+                    self.error = SaveFailedError(f"{self.label}: upload of layer {state.spec.name!r} failed: {exc}")
+        finally:
+            with self._cond:
+                reservation.pending -= 1
+                self._pending_chunks -= 1
+                self._release_idle_reservations()
+            self._maybe_complete()
+
+    def _seal(self, reservation: Reservation) -> None:
+        with self._cond:
+            reservation.sealed = True
+            self._release_idle_reservations()
+
+    def _release_idle_reservations(self) -> None:
+        # caller holds self._cond
+        keep = []
+        for reservation in self._reservations:
+            if reservation.sealed and reservation.pending == 0:
+                self.pool.free(reservation.offset, reservation.length)
+            else:
+                keep.append(reservation)
+        self._reservations = keep
+
+    def _maybe_complete(self) -> None:
+        with self._cond:
+            if self._completed or not self._finished or self._pending_chunks:
+                return
+            self._completed = True
+            self._cond.notify_all()
+        self._on_done(self)
+
+    def wait_durable(self, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._completed, timeout)
+
+    def shard_records(self) -> list[manifest_pb2.ShardRecord]:
+        records = []
+        for state in self.entries:
+            chunks = sorted(state.chunks, key=lambda c: c.raw_offset)
+            records.append(manifest_pb2.ShardRecord(
+                name=state.spec.name, layout=state.spec.layout, rank=self.rank,
+                codec=state.chain or [], chunks=chunks, raw_bytes=state.spec.nbytes, stored_bytes=state.stored,
+            ))
+        return records
+
+    def checkpoint_id(self) -> common_pb2.CheckpointId:
+        return self.id

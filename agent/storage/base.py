@@ -1,0 +1,116 @@
+"""The one small interface every object store backend implements.
+
+The agent and the coordinator only ever talk to storage through :class:`ObjectStore`;
+``file://`` and ``s3://`` are two implementations of it. Keys are ``/``-separated
+relative paths *below* the store's prefix; they are built by :mod:`layervault.agent.keys`
+and never contain ``..``, empty segments or a leading ``/``.
+
+Only idempotent operations are retried by callers, so every method here must be safe to
+call twice with the same arguments (``put_if_absent`` returns ``False`` the second time).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+from typing import Iterator
+
+
+class StorageError(Exception):
+    """A storage operation failed for a reason other than a missing object."""
+
+
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """The object (or the bucket) does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteRange:
+    """Half-open byte range ``[start, stop)`` of an object."""
+
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.stop < self.start:
+            raise ValueError(f"bad byte range [{self.start}, {self.stop})")
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
+@dataclasses.dataclass
+class StoreStats:
+    """Request and byte counters, so tests and metrics can see what crossed the wire."""
+
+    puts: int = 0
+    put_bytes: int = 0
+    gets: int = 0
+    get_bytes: int = 0
+    deletes: int = 0
+    lists: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+
+class ObjectStore(abc.ABC):
+    """Flat key -> bytes store below one prefix (a folder, or ``bucket/prefix``)."""
+
+    #: True when ``put_if_absent`` is a real conditional write of the store, not check-then-put.
+    supports_conditional_put: bool = False
+
+    def __init__(self) -> None:
+        self.stats = StoreStats()
+
+    @property
+    @abc.abstractmethod
+    def url(self) -> str:
+        """The URL this store was opened from (``file:///...`` or ``s3://bucket/prefix``)."""
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Write (or replace) one object; returns once it is durable."""
+
+    @abc.abstractmethod
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        """Create the object only if no object has the key; False if it already existed."""
+
+    @abc.abstractmethod
+    def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
+        """Read an object, or a byte range of it. Raises :class:`ObjectNotFound`."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """True if the object exists."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys that start with ``prefix`` (a plain string prefix), in lexical order.
+
+        Raises :class:`StorageError` on failure; an error is never an empty listing.
+        """
+
+    @abc.abstractmethod
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects; missing keys are not an error."""
+
+    def check(self) -> None:
+        """Prove the store is usable (bucket exists, credentials work). Raises StorageError."""
+        probe = ".layervault-probe"
+        self.put(probe, b"ok")
+        if self.get(probe) != b"ok":
+            raise StorageError(f"{self.url}: read back of {probe!r} returned different bytes")
+        self.delete([probe])
+
+    def close(self) -> None:
+        """Release connections; the store may not be used afterwards."""

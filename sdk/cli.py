@@ -1,0 +1,228 @@
+"""The ``layervault`` command: run the services, and inspect checkpoints.
+
+    layervault coordinator --storage URL [--port 7070]
+    layervault agent --coordinator ADDR --storage URL [--socket PATH] [--port 0] [--staging-mib 1024]
+    layervault up [--storage URL]                 coordinator + agent in one process (one machine)
+    layervault ls [JOB] [--kind K]                committed checkpoints
+    layervault show JOB STEP [--kind model|optimizer]
+
+``ls`` and ``show`` ask the agent (``--agent``/``LAYERVAULT_AGENT``), or read storage
+directly with ``--storage URL`` - no service needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+import threading
+from typing import Sequence
+
+from layervault.errors import LayervaultError
+
+DEFAULT_HOME_STORAGE = pathlib.Path.home() / ".layervault" / "storage"
+
+
+def _storage(url: str | None):  # -> ObjectStore
+    from layervault.agent.storage import StorageError, open_store
+
+    if not url:
+        DEFAULT_HOME_STORAGE.mkdir(parents=True, exist_ok=True)
+        url = DEFAULT_HOME_STORAGE.as_uri()
+    store = open_store(url)
+    try:
+        store.check()
+    except StorageError as exc:
+        raise SystemExit(f"layervault: storage {url} is not usable: {exc}")
+    return store
+
+
+def _announce(args: argparse.Namespace, info: dict) -> None:
+    print("layervault ready: " + json.dumps(info), flush=True)
+    if args.ready_file:
+        tmp = pathlib.Path(args.ready_file + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(args.ready_file)
+
+
+def _serve_until_signal(servers: list) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    for server in servers:
+        server.stop(grace=5.0)
+
+
+def _agent_kwargs(args: argparse.Namespace) -> dict:
+    return dict(socket_path=args.socket, host=args.host, port=args.port, staging_bytes=args.staging_mib << 20,
+                chunk_size=args.chunk_mib << 20, upload_workers=args.upload_workers)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from layervault.agent.server import start_coordinator
+
+    server = start_coordinator(_storage(args.storage), args.host, args.port, args.commit_timeout)
+    _announce(args, {"coordinator": server.address, "pid": os.getpid()})
+    _serve_until_signal([server])
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from layervault.agent.server import start_agent
+
+    server = start_agent(_storage(args.storage), args.coordinator, **_agent_kwargs(args))
+    _announce(args, {"agent": server.address, "tcp": server.tcp_address, "pid": os.getpid()})
+    _serve_until_signal([server])
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from layervault.agent.server import start_agent, start_coordinator
+
+    store = _storage(args.storage)
+    coordinator = start_coordinator(store, "127.0.0.1", args.coordinator_port, args.commit_timeout)
+    agent = start_agent(store, coordinator.address, **_agent_kwargs(args))
+    _announce(args, {"agent": agent.address, "tcp": agent.tcp_address, "coordinator": coordinator.address,
+                     "storage": store.url, "pid": os.getpid()})
+    _serve_until_signal([agent, coordinator])
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace):  # -> list[CheckpointInfo]
+    if args.storage:
+        from layervault.agent.catalog import Catalog
+        from layervault.agent.manifest import checkpoint_info
+        from layervault.agent.storage import open_store
+
+        catalog = Catalog(open_store(args.storage))
+        return [checkpoint_info(m, k) for k, m in catalog.checkpoints(args.job or "", args.kind or "")]
+    from layervault.client import AgentClient
+
+    return AgentClient(args.agent).list(args.job or "", args.kind or "")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = _checkpoints(args)
+    if args.json:
+        from google.protobuf import json_format
+
+        print(json.dumps([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in rows], indent=1))
+        return 0
+    if not rows:
+        print("no committed checkpoints" + (f" for job {args.job!r}" if args.job else ""))
+        return 0
+    print(f"{'JOB':<20} {'KIND':<10} {'STEP':>8} {'NAME':<16} {'WORLD':>5} {'LAYERS':>6} {'RAW':>10} {'STORED':>10}  KEYS")
+    for r in rows:
+        keys = " ".join(f"{k}={v}" for k, v in sorted(r.keys.items()) if k != "step")
+        print(f"{r.id.job:<20} {r.id.kind:<10} {r.id.step:>8} {r.config_name:<16} {r.world_size:>5} {r.entries:>6} "
+              f"{_human(r.raw_bytes):>10} {_human(r.stored_bytes):>10}  {keys}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    selector = {"step": str(args.step)}
+    if args.storage:
+        from layervault.agent.catalog import Catalog
+        from layervault.agent.storage import open_store
+
+        _, manifest = Catalog(open_store(args.storage)).resolve(args.job, args.kind, selector)
+    else:
+        from layervault.client import AgentClient
+
+        manifest = AgentClient(args.agent).resolve(args.job, args.kind, selector)
+    if args.json:
+        from layervault.agent.manifest import encode_manifest
+
+        print(encode_manifest(manifest).decode())
+        return 0
+    cfg = manifest.config
+    raw = sum(s.raw_bytes for s in manifest.shards)
+    stored = sum(s.stored_bytes for s in manifest.shards)
+    print(f"checkpoint   {manifest.job}/{manifest.kind} step {manifest.step}  (committed {manifest.committed_at}, attempt {manifest.save_id})")
+    print(f"config       name={cfg.name} framework={cfg.framework} compressor={cfg.compressor} "
+          + " ".join(f"{k}={v}" for k, v in sorted(cfg.additional.items())))
+    print("keys         " + " ".join(f"{k}={v}" for k, v in sorted(manifest.keys.items())))
+    print(f"world size   {manifest.world_size}")
+    print(f"size         {_human(raw)} raw, {_human(stored)} stored ({raw / stored if stored else 1:.3f}x), {len(manifest.shards)} shards")
+    print(f"\n{'LAYER':<44} {'DTYPE':<9} {'SHAPE':<18} {'RANK':>4} {'RAW':>10} {'STORED':>10} {'CHUNKS':>6}  CODEC")
+    for s in manifest.shards:
+        shape = "x".join(map(str, s.layout.local_shape)) or "scalar"
+        print(f"{s.name:<44} {s.layout.dtype:<9} {shape:<18} {s.rank:>4} {_human(s.raw_bytes):>10} "
+              f"{_human(s.stored_bytes):>10} {len(s.chunks):>6}  {'+'.join(s.codec) or 'none'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layervault", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default=os.environ.get("LAYERVAULT_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def service(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--storage", help="s3://bucket/prefix or file:///path (default for up: ~/.layervault/storage)")
+        p.add_argument("--ready-file", help="write the bound addresses as JSON here once serving")
+        p.add_argument("--commit-timeout", type=float, default=600.0, help="seconds a save may take to commit")
+        return p
+
+    p = service("coordinator", "run the coordinator")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=7070)
+    p.set_defaults(func=cmd_coordinator)
+
+    for name, help_, func in (("agent", "run a node agent", cmd_agent), ("up", "run coordinator + agent (one machine)", cmd_up)):
+        from layervault.agent.server import default_socket_path
+
+        p = service(name, help_)
+        if name == "agent":
+            p.add_argument("--coordinator", required=True, help="coordinator address host:port")
+        else:
+            p.add_argument("--coordinator-port", type=int, default=0)
+        p.add_argument("--socket", default=default_socket_path(), help="unix socket for the node's ranks")
+        p.add_argument("--host", default="127.0.0.1", help="TCP interface (0.0.0.0 for other nodes)")
+        p.add_argument("--port", type=int, default=0, help="TCP port (0: any free port)")
+        p.add_argument("--staging-mib", type=int, default=1024, help="staging budget (shared memory) in MiB")
+        p.add_argument("--chunk-mib", type=int, default=4, help="chunk (object) size in MiB")
+        p.add_argument("--upload-workers", type=int, default=8)
+        p.set_defaults(func=func)
+
+    for name, func in (("ls", cmd_ls), ("show", cmd_show)):
+        p = sub.add_parser(name, help="list checkpoints" if name == "ls" else "show one checkpoint")
+        if name == "ls":
+            p.add_argument("job", nargs="?")
+            p.add_argument("--kind", choices=["model", "optimizer"])
+        else:
+            p.add_argument("job")
+            p.add_argument("step", type=int)
+            p.add_argument("--kind", choices=["model", "optimizer"], default="model")
+        p.add_argument("--storage", help="read storage directly (no service needed)")
+        p.add_argument("--agent", help="agent address (default: LAYERVAULT_AGENT or the default socket)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except LayervaultError as exc:
+        print(f"layervault: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

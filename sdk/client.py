@@ -1,0 +1,283 @@
+"""The rank's connection to its node agent.
+
+Framework adapters (``layervault.torch``, ``layervault.tensorflow``) turn tensors into
+:class:`ByteSource` / :class:`ByteSink` objects; this module moves their bytes. Same node:
+bytes are copied once into the agent's pre-faulted shared-memory pool and only offsets
+travel over gRPC. Otherwise (or with ``shared_memory=False``) they stream in
+``chunk_size`` messages over the Save stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import queue
+import threading
+from typing import Iterator, Mapping, Protocol, Sequence
+
+import grpc
+
+from layervault.errors import InvalidArgumentError, LayervaultError, UnavailableError, error_from_rpc
+from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+_STREAM_PIECE = 4 << 20
+
+
+class ByteSource(Protocol):
+    """Raw bytes of one tensor (or local shard) to save."""
+
+    nbytes: int
+
+    def copy_to(self, offset: int, dst: memoryview) -> None:
+        """Copy bytes ``[offset, offset + len(dst))`` into ``dst``."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` (for the streaming path)."""
+
+
+class ByteSink(Protocol):
+    """Where the bytes of one restored shard go."""
+
+    def write(self, offset: int, src: memoryview) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveEntry:
+    name: str
+    layout: manifest_pb2.TensorLayout
+    source: ByteSource
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    job: str
+    kind: str
+    step: int
+
+    def proto(self) -> common_pb2.CheckpointId:
+        return common_pb2.CheckpointId(job=self.job, kind=self.kind, step=self.step)
+
+
+class SaveHandle:
+    """Returned by ``save()`` once the bytes are handed to the agent; ``wait()`` for the commit."""
+
+    def __init__(self, client: "AgentClient", ref: CheckpointRef, rank: int, staged_bytes: int) -> None:
+        self.client, self.ref, self.rank, self.staged_bytes = client, ref, rank, staged_bytes
+        self._info: common_pb2.CheckpointInfo | None = None
+
+    def wait(self, timeout: float | None = None) -> common_pb2.CheckpointInfo:
+        """Block until the checkpoint is committed; raises SaveFailedError/DeadlineError otherwise."""
+        if self._info is None:
+            self._info = self.client.wait_save(self.ref, self.rank, timeout)
+        return self._info
+
+    def __repr__(self) -> str:
+        return f"SaveHandle({self.ref.job}/{self.ref.kind} step {self.ref.step}, rank {self.rank})"
+
+
+class _Requests:
+    """A request iterator for a bidi stream that the caller feeds one message at a time."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def send(self, message: object) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[object]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            yield item
+
+
+class _PoolMapping:
+    def __init__(self, path: str, size: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.mmap)
+        self.path, self.size = path, size
+
+
+def _same_host(address: str) -> bool:
+    return address.startswith("unix:") or address.split(":")[0] in ("127.0.0.1", "localhost", "[::1]")
+
+
+class AgentClient:
+    """A connection to one node agent (address like ``unix:///run/lv.sock`` or ``host:port``)."""
+
+    def __init__(self, address: str | None = None, shared_memory: bool | None = None) -> None:
+        from layervault.agent.server import default_agent_address
+
+        self.address = address or default_agent_address()
+        if shared_memory is None:
+            shared_memory = os.environ.get("LAYERVAULT_SHARED_MEMORY", "1") != "0" and _same_host(self.address)
+        self.shared_memory = shared_memory
+        self._channel = grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._pools: dict[str, _PoolMapping] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _pool(self, path: str, size: int) -> _PoolMapping:
+        with self._lock:
+            pool = self._pools.get(path)
+            if pool is None:
+                pool = self._pools[path] = _PoolMapping(path, size)
+            return pool
+
+    def connect(self, timeout: float = 30.0) -> None:
+        """Wait for the agent to be reachable (and map its pool early, off the save path)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(f"no layervault agent answers at {self.address} (set LAYERVAULT_AGENT?)") from None
+
+    def _call(self, method: str, request: object, timeout: float | None = 60.0) -> object:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address) from None
+
+    # -- save ------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        ref: CheckpointRef,
+        rank: int,
+        world_size: int,
+        config: manifest_pb2.Config,
+        keys: Mapping[str, str],
+        extra: Mapping[str, str],
+        entries: Sequence[SaveEntry],
+        overwrite: bool = False,
+    ) -> SaveHandle:
+        """Hand the entries' bytes to the agent; returns when the agent holds all of them."""
+        requests = _Requests()
+        open_msg = agent_pb2.SaveOpen(
+            id=ref.proto(), rank=rank, world_size=world_size, config=config, keys=dict(keys), extra=dict(extra),
+            entries=[agent_pb2.EntrySpec(name=e.name, layout=e.layout, nbytes=e.source.nbytes) for e in entries],
+            overwrite=overwrite, shared_memory=self.shared_memory)
+        requests.send(agent_pb2.SaveRequest(open=open_msg))
+        replies = self._stub.Save(iter(requests))
+        try:
+            opened = next(replies).opened
+            if opened.pool_path:
+                self._handoff_shared(requests, replies, entries, self._pool(opened.pool_path, opened.pool_size), opened.chunk_size)
+            else:
+                self._handoff_stream(requests, entries, opened.chunk_size)
+            requests.send(agent_pb2.SaveRequest(finish=True))
+            finished = next(replies).finished
+            requests.close()
+        except grpc.RpcError as exc:
+            requests.close()
+            raise _translate(exc, self.address) from None
+        except BaseException:
+            requests.close()
+            replies.cancel()
+            raise
+        return SaveHandle(self, ref, rank, finished.staged_bytes)
+
+    def _handoff_shared(self, requests: _Requests, replies: Iterator[agent_pb2.SaveReply],
+                        entries: Sequence[SaveEntry], pool: _PoolMapping, chunk_size: int) -> None:
+        todo = [(i, 0, e.source.nbytes) for i, e in enumerate(entries) if e.source.nbytes]
+        todo.reverse()
+        while todo:
+            want = sum(length for _, _, length in todo)
+            requests.send(agent_pb2.SaveRequest(reserve=min(want, pool.size)))
+            reserved = next(replies).reserved
+            cursor, end = reserved.offset, reserved.offset + reserved.length
+            pieces = []
+            while todo and cursor < end:
+                index, offset, length = todo.pop()
+                room = end - cursor
+                if length > room:  # split on a chunk boundary; the rest waits for the next reservation
+                    take = room - room % chunk_size if room >= chunk_size else room
+                    todo.append((index, offset + take, length - take))
+                    length = take
+                if length == 0:
+                    break
+                entries[index].source.copy_to(offset, pool.view[cursor:cursor + length])
+                pieces.append(agent_pb2.Piece(entry=index, entry_offset=offset, pool_offset=cursor, length=length))
+                cursor += (length + 4095) // 4096 * 4096
+            requests.send(agent_pb2.SaveRequest(stage=agent_pb2.StagePieces(pieces=pieces)))
+
+    def _handoff_stream(self, requests: _Requests, entries: Sequence[SaveEntry], chunk_size: int) -> None:
+        piece = min(chunk_size, _STREAM_PIECE)
+        for index, entry in enumerate(entries):
+            for offset in range(0, entry.source.nbytes, piece):
+                data = entry.source.read(offset, min(piece, entry.source.nbytes - offset))
+                requests.send(agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=index, entry_offset=offset, data=data)))
+
+    def wait_save(self, ref: CheckpointRef, rank: int, timeout: float | None = None) -> common_pb2.CheckpointInfo:
+        request = agent_pb2.WaitSaveRequest(id=ref.proto(), rank=rank, timeout_s=timeout or 0)
+        reply = self._call("WaitSave", request, timeout=None if timeout is None else timeout + 10)
+        return reply.info
+
+    # -- restore and catalog -------------------------------------------------------------------------
+
+    def resolve(self, job: str, kind: str, selector: Mapping[str, str]) -> manifest_pb2.Manifest:
+        request = common_pb2.ResolveRequest(job=job, kind=kind, selector=common_pb2.Selector(keys=dict(selector)))
+        return self._call("Resolve", request)
+
+    def list(self, job: str = "", kind: str = "") -> list[common_pb2.CheckpointInfo]:
+        return list(self._call("List", common_pb2.ListRequest(job=job, kind=kind)).checkpoints)
+
+    def stats(self) -> agent_pb2.AgentStats:
+        return self._call("Stats", common_pb2.Empty())
+
+    def restore(self, manifest: manifest_pb2.Manifest, names: Sequence[str], sinks: Mapping[int, ByteSink]) -> None:
+        """Fetch the shards of ``names`` and write each into ``sinks[shard index]``."""
+        requests = _Requests()
+        requests.send(agent_pb2.RestoreRequest(open=agent_pb2.RestoreOpen(
+            id=common_pb2.CheckpointId(job=manifest.job, kind=manifest.kind, step=manifest.step),
+            names=list(names), shared_memory=self.shared_memory)))
+        replies = self._stub.Restore(iter(requests))
+        try:
+            opened = next(replies).opened
+            if opened.save_id != manifest.save_id:
+                raise LayervaultError(f"{manifest.job}/{manifest.kind} step {manifest.step} was overwritten while loading; load again")
+            pool = self._pool(opened.pool_path, opened.pool_size) if opened.pool_path else None
+            for reply in replies:
+                if reply.WhichOneof("kind") == "done":
+                    break
+                piece = reply.piece
+                sink = sinks.get(piece.shard)
+                if sink is None:
+                    raise InvalidArgumentError(f"agent sent shard #{piece.shard}, which was not asked for")
+                if pool is not None:
+                    sink.write(piece.shard_offset, pool.view[piece.pool_offset:piece.pool_offset + piece.length])
+                    requests.send(agent_pb2.RestoreRequest(release=agent_pb2.Piece(pool_offset=piece.pool_offset, length=piece.length)))
+                else:
+                    sink.write(piece.shard_offset, memoryview(piece.data))
+            requests.close()
+        except grpc.RpcError as exc:
+            requests.close()
+            raise _translate(exc, self.address) from None
+        except BaseException:
+            requests.close()
+            replies.cancel()
+            raise
+
+
+def _translate(exc: grpc.RpcError, address: str) -> LayervaultError:
+    err = error_from_rpc(exc)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "storage" not in str(err):
+        err = UnavailableError(f"layervault agent at {address} is unavailable: {exc.details()}")
+    return err

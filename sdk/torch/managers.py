@@ -1,0 +1,281 @@
+"""ModelManager and OptimizerManager for PyTorch ranks.
+
+Rank and world size come from ``torch.distributed`` when it is initialised. Plain tensors
+are taken to be replicated across ranks (DDP): each is stored once, by the rank
+:func:`~layervault.torch.placement.assign_owners` picks. Loading validates every name,
+shape and dtype against the manifest and fetches everything before touching the target,
+so a failed load changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+import torch
+
+from layervault.agent.manifest import encode_keys
+from layervault.checkpoint import Checkpoint
+from layervault.client import AgentClient, CheckpointRef, SaveEntry, SaveHandle
+from layervault.config import ModelConfig, OptimizerConfig
+from layervault.errors import IncompatibleStateError, InvalidArgumentError, NotFoundError
+from layervault.proto import manifest_pb2
+from layervault.torch.dtypes import dtype_name
+from layervault.torch.placement import assign_owners
+from layervault.torch.tensors import TensorSink, TensorSource, whole_layout
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def _world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Manager:
+    kind = ""
+
+    def __init__(self, config: ModelConfig | OptimizerConfig, agent: str | AgentClient | None = None,
+                 shared_memory: bool | None = None) -> None:
+        self.config = config
+        self.client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
+
+    def _config_proto(self) -> manifest_pb2.Config:
+        return manifest_pb2.Config(name=self.config.name, framework="torch",
+                                   additional=dict(self.config.additional), compressor=self.config.compressor)
+
+    def _save(self, tensors: StateDict, step: int, keys: Mapping[str, Any], extra: Mapping[str, str],
+              overwrite: bool) -> SaveHandle:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise InvalidArgumentError(f"step must be a non-negative int, got {step!r}")
+        if "step" in keys:
+            raise InvalidArgumentError("pass the step as save(..., step=N), not as a training key")
+        rank, world_size = _world()
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise InvalidArgumentError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+        owners = assign_owners({n: t.numel() * t.element_size() for n, t in tensors.items()}, world_size)
+        mine = [SaveEntry(n, whole_layout(t), TensorSource(t)) for n, t in tensors.items() if owners[n] == rank]
+        ref = CheckpointRef(self.config.job, self.kind, step)
+        return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite)
+
+    def _resolve(self, step: int | None, keys: Mapping[str, Any]) -> manifest_pb2.Manifest:
+        selector = encode_keys(keys)
+        if step is not None:
+            selector["step"] = json.dumps(int(step))
+        return self.client.resolve(self.config.job, self.kind, selector)
+
+    def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, torch.Tensor]:
+        wanted = set(names)
+        sinks: dict[int, TensorSink] = {}
+        for index, shard in enumerate(manifest.shards):
+            if shard.name in wanted:
+                if list(shard.layout.local_shape) != list(shard.layout.global_shape):
+                    raise IncompatibleStateError(
+                        f"layer {shard.name!r} is sharded in this checkpoint; load it with torch.distributed.checkpoint")
+                sinks[index] = TensorSink(shard.layout)
+        self.client.restore(manifest, names, sinks)
+        out = {}
+        for index, sink in sinks.items():
+            shard = manifest.shards[index]
+            if sink.received != shard.raw_bytes:
+                raise IncompatibleStateError(f"layer {shard.name!r}: received {sink.received} of {shard.raw_bytes} bytes")
+            out[shard.name] = sink.tensor
+        return out
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Committed checkpoints of this job and kind, oldest step first."""
+        return [Checkpoint.from_info(info) for info in self.client.list(self.config.job, self.kind)]
+
+    def load_layer(self, name: str, step: int | None = None, **keys: Any) -> torch.Tensor:
+        """One layer of a checkpoint (latest committed unless step/keys select another)."""
+        manifest = self._resolve(step, keys)
+        return self._fetch(manifest, [name])[name]
+
+
+class ModelManager(_Manager):
+    """Save and load a model's state through the node agent."""
+
+    kind = "model"
+
+    def __init__(self, config: ModelConfig, agent: str | AgentClient | None = None, shared_memory: bool | None = None) -> None:
+        if not isinstance(config, ModelConfig):
+            raise InvalidArgumentError("ModelManager needs a layervault.ModelConfig")
+        super().__init__(config, agent, shared_memory)
+
+    def save(self, model: torch.nn.Module | StateDict, step: int, overwrite: bool = False, **keys: Any) -> SaveHandle:
+        """Hand the state to the agent; returns once the bytes are staged. ``.wait()`` for the commit."""
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        return self._save(state, step, keys, {}, overwrite)
+
+    def load(self, model: torch.nn.Module | StateDict, step: int | None = None, **keys: Any) -> Checkpoint:
+        """Load the latest committed checkpoint, or the one with ``step``/``keys``, in place."""
+        target = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        manifest = self._resolve(step, keys)
+        check_compatible(manifest, {n: t for n, t in target.items()})
+        loaded = self._fetch(manifest, list(target))
+        with torch.no_grad():
+            for name, tensor in target.items():
+                tensor.copy_(loaded[name])
+        return _summary(manifest)
+
+
+def _summary(manifest: manifest_pb2.Manifest) -> Checkpoint:
+    from layervault.agent.manifest import checkpoint_info
+
+    return Checkpoint.from_info(checkpoint_info(manifest, ""))
+
+
+def check_compatible(manifest: manifest_pb2.Manifest, target: Mapping[str, torch.Tensor]) -> None:
+    """Raise IncompatibleStateError listing every name, shape and dtype difference."""
+    stored = {s.name: s.layout for s in manifest.shards}
+    problems = []
+    missing = sorted(set(target) - set(stored))
+    unexpected = sorted(set(stored) - set(target))
+    if missing:
+        problems.append(f"not in the checkpoint: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"not in the target: {', '.join(unexpected)}")
+    for name in sorted(set(target) & set(stored)):
+        layout, tensor = stored[name], target[name]
+        if list(layout.global_shape) != list(tensor.shape):
+            problems.append(f"{name}: shape {list(layout.global_shape)} in the checkpoint, {list(tensor.shape)} in the target")
+        if layout.dtype != dtype_name(tensor.dtype):
+            problems.append(f"{name}: dtype {layout.dtype} in the checkpoint, {dtype_name(tensor.dtype)} in the target")
+    if problems:
+        raise IncompatibleStateError(
+            f"cannot load {manifest.job}/{manifest.kind} step {manifest.step}; nothing was loaded: " + "; ".join(problems))
+
+
+# -- optimizer ------------------------------------------------------------------------------------
+
+_GROUPS = "torch.optimizer.param_groups"
+_SCALARS = "torch.optimizer.scalar_state"
+_CLASS = "torch.optimizer.class"
+
+
+def _encode_value(where: str, value: Any) -> Any:
+    """Optimizer hyper-parameters as JSON (never pickle): tuples and 0-d tensors are tagged."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode_value(where, v) for v in value]}
+    if isinstance(value, list):
+        return [_encode_value(where, v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return {"__tensor__": value.item(), "dtype": dtype_name(value.dtype), "shape": list(value.shape)}
+    raise InvalidArgumentError(f"optimizer value {where} of type {type(value).__name__} cannot be stored as JSON")
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode_value(v) for v in value]
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(_decode_value(v) for v in value["__tuple__"])
+    if isinstance(value, dict) and "__tensor__" in value:
+        from layervault.torch.dtypes import torch_dtype
+
+        return torch.tensor(value["__tensor__"], dtype=torch_dtype(value["dtype"])).reshape(value["shape"])
+    return value
+
+
+def _param_names(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None) -> list[str]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    names = [by_id.get(id(p), f"param{i}") for i, p in enumerate(params)]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError("optimizer parameters do not have unique names")
+    return names
+
+
+def _optimizer_step(state: Mapping[int, Mapping[str, Any]]) -> int:
+    steps = [v.item() if isinstance(v, torch.Tensor) else v for s in state.values() for k, v in s.items() if k == "step"]
+    if not steps:
+        raise InvalidArgumentError("the optimizer has no step in its state yet (it never stepped); pass step=N")
+    return int(max(steps))
+
+
+class OptimizerManager(_Manager):
+    """Save and load an optimizer's hyper-parameters and per-parameter state.
+
+    Pass ``model=`` to key the state by the model's parameter names (``"fc.weight/exp_avg"``);
+    otherwise parameters are named by position (``"param0/exp_avg"``).
+    """
+
+    kind = "optimizer"
+
+    def __init__(self, config: OptimizerConfig, agent: str | AgentClient | None = None, shared_memory: bool | None = None) -> None:
+        if not isinstance(config, OptimizerConfig):
+            raise InvalidArgumentError("OptimizerManager needs a layervault.OptimizerConfig")
+        super().__init__(config, agent, shared_memory)
+
+    def save(self, optimizer: torch.optim.Optimizer, step: int | None = None, model: torch.nn.Module | None = None,
+             overwrite: bool = False, **keys: Any) -> SaveHandle:
+        state_dict = optimizer.state_dict()
+        names = _param_names(optimizer, model)
+        if step is None:
+            step = _optimizer_step(state_dict["state"])
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, param_state in state_dict["state"].items():
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{names[index]}/{key}"] = value
+                else:
+                    scalars.setdefault(names[index], {})[key] = _encode_value(f"state[{names[index]}][{key}]", value)
+        groups = []
+        for g, group in enumerate(state_dict["param_groups"]):
+            doc = {k: _encode_value(f"param_groups[{g}][{k}]", v) for k, v in group.items() if k != "params"}
+            doc["params"] = [names[i] for i in group["params"]]
+            groups.append(doc)
+        extra = {_GROUPS: json.dumps(groups), _SCALARS: json.dumps(scalars), _CLASS: type(optimizer).__name__}
+        return self._save(tensors, step, keys, extra, overwrite)
+
+    def load(self, optimizer: torch.optim.Optimizer, step: int | None = None, model: torch.nn.Module | None = None,
+             **keys: Any) -> Checkpoint:
+        manifest = self._resolve(step, keys)
+        label = f"{manifest.job}/optimizer step {manifest.step}"
+        if _GROUPS not in manifest.extra:
+            raise IncompatibleStateError(f"{label} was not saved by a torch OptimizerManager")
+        saved_class = manifest.extra.get(_CLASS, "")
+        if saved_class and saved_class != type(optimizer).__name__:
+            raise IncompatibleStateError(f"{label} holds {saved_class} state, not {type(optimizer).__name__}; nothing was loaded")
+        groups = json.loads(manifest.extra[_GROUPS])
+        scalars = json.loads(manifest.extra.get(_SCALARS, "{}"))
+        names = _param_names(optimizer, model)
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if [len(g["params"]) for g in groups] != sizes:
+            raise IncompatibleStateError(
+                f"{label}: parameter groups have sizes {[len(g['params']) for g in groups]} in the checkpoint, "
+                f"{sizes} in the optimizer; nothing was loaded")
+        saved_names = [n for g in groups for n in g["params"]]
+        by_name = model is not None and not all(n.startswith("param") for n in saved_names)
+        if by_name and set(saved_names) != set(names):
+            diff = sorted(set(saved_names) ^ set(names))
+            raise IncompatibleStateError(f"{label}: parameter names differ: {', '.join(diff[:8])}; nothing was loaded")
+        index_of = {n: (names.index(n) if by_name else i) for i, n in enumerate(saved_names)}
+        tensor_names = [s.name for s in manifest.shards]
+        loaded = self._fetch(manifest, tensor_names)
+        state: dict[int, dict[str, Any]] = {}
+        for entry, tensor in loaded.items():
+            pname, _, key = entry.rpartition("/")
+            if pname not in index_of:
+                raise IncompatibleStateError(f"{label}: state {entry!r} belongs to no parameter of the optimizer")
+            state.setdefault(index_of[pname], {})[key] = tensor
+        for pname, values in scalars.items():
+            state.setdefault(index_of[pname], {}).update({k: _decode_value(v) for k, v in values.items()})
+        param_groups = []
+        for group in groups:
+            restored = {k: _decode_value(v) for k, v in group.items() if k != "params"}
+            restored["params"] = [index_of[n] for n in group["params"]]
+            param_groups.append(restored)
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise IncompatibleStateError(f"{label}: {exc}") from exc
+        return _summary(manifest)
+
+
+__all__ = ["ModelManager", "OptimizerManager", "check_compatible", "NotFoundError"]

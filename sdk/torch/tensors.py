@@ -1,0 +1,59 @@
+"""torch tensors as byte sources and sinks for the agent client."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from layervault.errors import InvalidArgumentError
+from layervault.proto import manifest_pb2
+from layervault.torch.dtypes import dtype_name, torch_dtype
+
+
+# Restored bytes are only read from; torch warns about read-only buffers anyway.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def _bytes_view(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+class TensorSource:
+    """Bytes of a tensor (moved to CPU and made contiguous first if needed)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        t = tensor.detach()
+        if t.is_sparse or t.layout != torch.strided:
+            raise InvalidArgumentError(f"cannot save a {t.layout} tensor; convert it to dense first")
+        self.tensor = t.contiguous()
+        self._u8 = _bytes_view(self.tensor)
+        self.nbytes = self._u8.numel()
+
+    def copy_to(self, offset: int, dst: memoryview) -> None:
+        torch.frombuffer(dst, dtype=torch.uint8).copy_(self._u8[offset:offset + len(dst)])
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._u8[offset:offset + length].cpu().numpy().tobytes()
+
+
+class TensorSink:
+    """Receives the bytes of one restored tensor into a fresh CPU tensor."""
+
+    def __init__(self, layout: manifest_pb2.TensorLayout) -> None:
+        self.tensor = torch.empty(tuple(layout.local_shape), dtype=torch_dtype(layout.dtype))
+        self._u8 = _bytes_view(self.tensor)
+        self.received = 0
+
+    def write(self, offset: int, src: memoryview) -> None:
+        n = len(src)
+        if offset < 0 or offset + n > self._u8.numel():
+            raise InvalidArgumentError(f"restored piece [{offset}, {offset + n}) exceeds the tensor's {self._u8.numel()} bytes")
+        self._u8[offset:offset + n].copy_(torch.frombuffer(src, dtype=torch.uint8) if n else self._u8[:0])
+        self.received += n
+
+
+def whole_layout(tensor: torch.Tensor) -> manifest_pb2.TensorLayout:
+    shape = list(tensor.shape)
+    return manifest_pb2.TensorLayout(dtype=dtype_name(tensor.dtype), global_shape=shape,
+                                     offsets=[0] * len(shape), local_shape=shape)
