@@ -1,9 +1,10 @@
-"""CRC32C of chunk bytes (hardware accelerated: ~14 GB/s per core, releases the GIL)."""
+"""CRC32C of chunk bytes: hardware accelerated (~14 GB/s per core), takes any buffer
+without copying, and releases the GIL on large inputs."""
 
 from __future__ import annotations
 
-import google_crc32c
+import crc32c as _crc32c
 
 
 def crc32c(data: bytes | memoryview) -> int:
-    return google_crc32c.value(data)
+    return _crc32c.crc32c(data)

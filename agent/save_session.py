@@ -112,10 +112,18 @@ class SaveSession:
         return offset, length
 
     def stage(self, pieces: list[agent_pb2.Piece]) -> None:
-        """Pieces the rank has copied into its reservations: queue their chunks for upload."""
+        """Pieces the rank copied into the reservations granted so far: queue their chunks.
+
+        A Stage message closes every reservation granted before it: their unused rest and,
+        once their chunks are durable, their used part go back to the pool.
+        """
         for piece in pieces:
             reservation = self._reservation_of(piece.pool_offset, piece.length)
             self._queue_piece(piece.entry, piece.entry_offset, piece.pool_offset, piece.length, reservation)
+        with self._cond:
+            for reservation in self._reservations:
+                reservation.sealed = True
+            self._release_idle_reservations()
 
     def stage_data(self, data: agent_pb2.DataPiece, timeout: float | None) -> None:
         """Bytes that came over gRPC: copy them into pool memory, then treat them as a piece."""

@@ -7,7 +7,9 @@ Save is one bidirectional stream per (rank, checkpoint):
   rank -> Open                      agent -> Opened (pool path, chunk size) or an error status
   rank -> Reserve(n)                agent -> Reserved(offset, length)   [shared memory only;
                                     blocks while the staging budget is full]
-  rank copies bytes into the pool, then -> Stage(pieces)
+  rank copies bytes into the pool, then -> Stage(pieces); a Stage closes every
+                                    reservation granted before it (memory returns to the
+                                    pool as its chunks become durable)
   or, without shared memory: rank -> Data(entry, offset, bytes) ...
   rank -> Finish                    agent -> Finished: the hand-off is done
 If the stream breaks before Finish, the agent aborts that rank's part of the save and

@@ -1,0 +1,261 @@
+"""ModelManager / OptimizerManager against a real coordinator and agent (gRPC), on file and S3."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import grpc
+import pytest
+import torch
+
+import layervault as lv
+from layervault.client import AgentClient, CheckpointRef
+from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2
+from layervault.torch import ModelManager, OptimizerManager
+
+from services import start_in_process
+
+
+class Net(torch.nn.Module):
+    def __init__(self, width: int = 64, depth: int = 3) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(depth)])
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, 4)
+        self.register_buffer("counter", torch.arange(10, dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(torch.relu(self.encoder(x))))
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 64, generator=gen)
+        y = torch.randn(16, 4, generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def services(store_url):
+    running = start_in_process(store_url)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(params=[True, False], ids=["shm", "grpc-stream"])
+def shared_memory(request):
+    return request.param
+
+
+def managers(services, job="run-42", shared_memory=True, compressor="lz4"):
+    client = AgentClient(services.agent_address, shared_memory=shared_memory)
+    mm = ModelManager(lv.ModelConfig(job=job, name="net", additional={"creator": "me", "version": "1.0"},
+                                     compressor=compressor), agent=client)
+    om = OptimizerManager(lv.OptimizerConfig(job=job, name="adamw"), agent=client)
+    return mm, om
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def test_save_load_continue_training_identically(services, shared_memory):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.85, 0.99), weight_decay=0.1)
+    train(model, opt, 3, seed=1)
+    mm, om = managers(services, shared_memory=shared_memory)
+    mm.save(model, step=3, epoch=1).wait(timeout=60)
+    om.save(opt, model=model).wait(timeout=60)  # step 3 from the optimizer's own state
+    expected = train(*copy.deepcopy((model, opt)), 4, seed=2)  # one deepcopy keeps opt tied to the copy
+
+    fresh = Net()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.5)
+    mm.load(fresh, step=3)
+    om.load(fresh_opt, step=3, model=fresh)
+    assert_same_state(model.state_dict(), fresh.state_dict())
+    assert fresh_opt.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    for (_, a), (_, b) in zip(sorted(opt.state_dict()["state"].items()), sorted(fresh_opt.state_dict()["state"].items())):
+        assert_same_state(a, b)
+    assert train(fresh, fresh_opt, 4, seed=2) == expected
+
+
+def test_find_by_step_epoch_key_and_latest(services):
+    model = Net()
+    mm, _ = managers(services)
+    states = {}
+    for step in (10, 20, 30):
+        with torch.no_grad():
+            model.head.weight.fill_(step)
+        mm.save(model, step=step, epoch=step // 10, loss=1.0 / step, phase="warmup" if step < 30 else "main").wait(60)
+        states[step] = copy.deepcopy(model.state_dict())
+    target = Net()
+    assert mm.load(target).step == 30
+    assert_same_state(target.state_dict(), states[30])
+    mm.load(target, epoch=1)
+    assert_same_state(target.state_dict(), states[10])
+    mm.load(target, phase="warmup")  # newest match
+    assert_same_state(target.state_dict(), states[20])
+    mm.load(target, loss=1.0 / 30)
+    assert_same_state(target.state_dict(), states[30])
+    listed = mm.checkpoints()
+    assert [c.step for c in listed] == [10, 20, 30]
+    assert listed[0].keys == {"step": 10, "epoch": 1, "loss": 0.1, "phase": "warmup"}
+    assert listed[0].name == "net" and listed[0].raw_bytes > 0
+
+
+def test_load_layer_fetches_only_that_layer(services):
+    model = Net(width=256, depth=4)  # 256 KiB per linear weight, 1 MiB chunks
+    mm, _ = managers(services)
+    mm.save(model, step=1).wait(60)
+    manifest = mm.client.resolve("run-42", "model", {"step": "1"})
+    shard = next(s for s in manifest.shards if s.name == "encoder.2.weight")
+    before = services.agent.service.store.stats.snapshot()
+    tensor = mm.load_layer("encoder.2.weight", step=1)
+    after = services.agent.service.store.stats.snapshot()
+    assert torch.equal(tensor, model.encoder[2].weight.detach())
+    assert after["gets"] - before["gets"] == len(shard.chunks)
+    assert after["get_bytes"] - before["get_bytes"] == shard.stored_bytes
+    total = sum(s.stored_bytes for s in manifest.shards)
+    assert shard.stored_bytes < total / 4
+
+
+def test_second_save_of_a_step_is_already_exists_unless_overwrite(services):
+    model = Net()
+    mm, _ = managers(services)
+    mm.save(model, step=5).wait(60)
+    with pytest.raises(lv.AlreadyExistsError, match="step 5 is already committed"):
+        mm.save(model, step=5)
+    with torch.no_grad():
+        model.head.bias.fill_(7.0)
+    mm.save(model, step=5, overwrite=True).wait(60)
+    target = Net()
+    mm.load(target, step=5)
+    assert torch.equal(target.head.bias, torch.full((4,), 7.0))
+    # the overwritten attempt's objects are gone, only the new ones remain
+    manifest = mm.client.resolve("run-42", "model", {"step": "5"})
+    referenced = {c.key for s in manifest.shards for c in s.chunks}
+    stored = {k for k in services.store.list("run-42/model/0000000005/")}
+    assert stored == referenced
+
+
+def test_not_found_names_what_is_missing(services):
+    mm, _ = managers(services, job="nothing-here")
+    with pytest.raises(lv.NotFoundError, match="nothing-here"):
+        mm.load(Net())
+    model = Net()
+    mm.save(model, step=1, epoch=0).wait(60)
+    with pytest.raises(lv.NotFoundError, match="step=2"):
+        mm.load(Net(), step=2)
+    with pytest.raises(lv.NotFoundError, match="epoch=9"):
+        mm.load(Net(), epoch=9)
+    with pytest.raises(lv.NotFoundError, match="no.such.layer"):
+        mm.load_layer("no.such.layer", step=1)
+
+
+def test_not_found_is_the_grpc_status(services):
+    stub = agent_pb2_grpc.AgentStub(grpc.insecure_channel(services.agent.tcp_address))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Resolve(common_pb2.ResolveRequest(job="ghost", kind="model"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "ghost" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Resolve(common_pb2.ResolveRequest(job="../etc", kind="model"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_mismatched_model_is_refused_and_left_untouched(services):
+    mm, _ = managers(services)
+    mm.save(Net(width=64), step=1).wait(60)
+    other = Net(width=32)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(lv.IncompatibleStateError, match=r"encoder.0.weight: shape \[64, 64\] in the checkpoint, \[32, 32\]"):
+        mm.load(other, step=1)
+    assert_same_state(other.state_dict(), before)
+    half = Net().to(torch.float16)
+    with pytest.raises(lv.IncompatibleStateError, match="dtype float32 in the checkpoint, float16"):
+        mm.load(half, step=1)
+
+
+def test_corrupted_chunk_is_data_loss_and_model_untouched(services):
+    model = Net()
+    mm, _ = managers(services, compressor="none")
+    mm.save(model, step=1).wait(60)
+    manifest = mm.client.resolve("run-42", "model", {"step": "1"})
+    shard = next(s for s in manifest.shards if s.name == "encoder.1.weight")
+    key = shard.chunks[0].key
+    body = bytearray(services.store.get(key))
+    body[100] ^= 0xFF
+    services.store.put(key, bytes(body))
+    target = Net()
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(lv.ChecksumError, match=r"checksum mismatch.*step 1, layer 'encoder.1.weight', object " + key):
+        mm.load(target, step=1)
+    assert_same_state(target.state_dict(), before)
+
+
+def test_staging_smaller_than_the_state_back_pressures(store_url):
+    running = start_in_process(store_url, staging_bytes=2 << 20, chunk_size=512 << 10)
+    try:
+        model = Net(width=512, depth=4)  # ~4 MiB of weights through a 2 MiB pool
+        mm, _ = managers(running)
+        mm.save(model, step=1).wait(60)
+        target = Net(width=512, depth=4)
+        mm.load(target)
+        assert_same_state(target.state_dict(), model.state_dict())
+        deadline = time.monotonic() + 10  # the last releases are processed after load() returns
+        while running.agent.service.pool.in_use and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.agent.service.pool.in_use == 0
+    finally:
+        running.stop()
+
+
+def test_arbitrary_layer_names_round_trip_under_the_prefix(services):
+    names = ["../../escape", "/abs", "ünï/层", "..", "a" * 300, "x\ty"]
+    state = {name: torch.full((3,), float(i)) for i, name in enumerate(names)}
+    mm, _ = managers(services)
+    mm.save(state, step=1).wait(60)
+    for key in services.store.list(""):
+        assert key.startswith("run-42/model/"), key
+        assert "/../" not in key and not key.startswith("/")
+    target = {name: torch.zeros(3) for name in names}
+    mm.load(target, step=1)
+    assert_same_state(target, state)
+
+
+def test_rank_that_disconnects_mid_handoff_never_commits(services):
+    model = Net()
+    mm, _ = managers(services)
+    mm.save(model, step=1).wait(60)
+    # A rank opens step 2, stages part of it, then its stream dies.
+    stub = agent_pb2_grpc.AgentStub(grpc.insecure_channel(services.agent_address))
+    spec = agent_pb2.EntrySpec(name="w", nbytes=1 << 20)
+    spec.layout.dtype, spec.layout.global_shape[:], spec.layout.local_shape[:] = "uint8", [1 << 20], [1 << 20]
+    open_msg = agent_pb2.SaveOpen(id=common_pb2.CheckpointId(job="run-42", kind="model", step=2), rank=0,
+                                  world_size=1, entries=[spec], shared_memory=False)
+
+    def requests():
+        yield agent_pb2.SaveRequest(open=open_msg)
+        yield agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=0, entry_offset=0, data=b"x" * 1000))
+
+    call = stub.Save(requests())
+    next(call)  # opened
+    with pytest.raises(grpc.RpcError) as info:
+        next(call)  # the request stream ends without finish
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    with pytest.raises(lv.SaveFailedError):
+        mm.client.wait_save(CheckpointRef("run-42", "model", 2), rank=0, timeout=30)
+    assert [c.step for c in mm.checkpoints()] == [1]
+    target = Net()
+    mm.load(target)
+    assert_same_state(target.state_dict(), model.state_dict())
