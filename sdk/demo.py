@@ -1,4 +1,4 @@
-"""End-to-end demo: a 2-rank DDP job checkpoints through layervault, dies, and resumes.
+"""End-to-end demo: a 2-rank data-parallel job checkpoints through layervault, dies, and resumes.
 
     python -m layervault.demo            (what ``scripts/dev demo`` runs)
 
@@ -61,12 +61,20 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _train_step(ddp: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> float:
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, step: int) -> float:
     inputs, targets = _batch(rank, step)
-    logits = ddp(inputs)
+    logits = model(inputs)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     opt.zero_grad()
     loss.backward()
+    # Data parallel like DDP, but reduced one parameter at a time in a fixed order: DDP
+    # re-buckets gradients after its first iteration, so with more than two ranks a resumed
+    # run sums floats in another order than the uninterrupted one and losses drift in the
+    # last bits - which would hide whether the checkpoint itself restored bit-exactly.
+    world = dist.get_world_size()
+    for param in model.parameters():
+        dist.all_reduce(param.grad)
+        param.grad /= world
     opt.step()
     return loss.item()
 
@@ -78,9 +86,8 @@ def run_rank(rank: int, spec: RankJob) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec.master_port}", rank=rank, world_size=spec.world_size)
     torch.manual_seed(0)
-    model = TinyTransformer()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3, weight_decay=0.01)
+    model = TinyTransformer()  # same seed on every rank: replicated parameters, as under DDP
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     agent = lv.AgentClient(spec.agents[rank], shared_memory=spec.shared_memory)
     mm = ModelManager(lv.ModelConfig(job=spec.job, name="tiny-transformer", additional={"creator": "layervault-demo", "version": "1.0"}), agent=agent)
     om = OptimizerManager(lv.OptimizerConfig(job=spec.job, name="adamw"), agent=agent)
@@ -94,7 +101,7 @@ def run_rank(rank: int, spec: RankJob) -> None:
         first = loaded.step + 1
     last = max(spec.save_steps) + spec.extra_steps
     for step in range(first, last + 1):
-        report["losses"][step] = _train_step(ddp, opt, rank, step)
+        report["losses"][step] = _train_step(model, opt, rank, step)
         if spec.mode == "train" and step in spec.save_steps:
             started = time.perf_counter()
             handles = [mm.save(model, step=step, epoch=step // 3), om.save(opt, model=model)]

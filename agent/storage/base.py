@@ -14,11 +14,26 @@ from __future__ import annotations
 import abc
 import dataclasses
 import threading
+import uuid
 from typing import Iterator
 
 
 class StorageError(Exception):
     """A storage operation failed for a reason other than a missing object."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a relative ``/``-separated key that cannot escape the prefix.
+
+    Backends call this on every key as defense in depth: :mod:`layervault.agent.keys`
+    already builds safe keys, but a key like ``../x`` reaching a backend would write
+    outside the store's folder (local) or outside its prefix (S3).
+    """
+    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise ValueError(f"invalid object key {key!r}: must be a relative '/'-separated path")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError(f"invalid object key {key!r}: empty, '.' or '..' segment")
+    return key
 
 
 class ObjectNotFound(StorageError, FileNotFoundError):
@@ -43,7 +58,12 @@ class ByteRange:
 
 @dataclasses.dataclass
 class StoreStats:
-    """Request and byte counters, so tests and metrics can see what crossed the wire."""
+    """Request and byte counters, so tests and metrics can see what crossed the wire.
+
+    ``puts``/``gets``/``lists`` count calls of the store's methods (one ranged ``get`` is
+    one get), ``deletes`` counts keys asked to be deleted, ``*_bytes`` count payload
+    bytes. The meaning is the same for every backend, so a test can assert exact numbers.
+    """
 
     puts: int = 0
     put_bytes: int = 0
@@ -87,7 +107,10 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
-        """Read an object, or a byte range of it. Raises :class:`ObjectNotFound`."""
+        """Read an object, or a byte range of it. Raises :class:`ObjectNotFound`.
+
+        A range that runs past the end of the object is cut at the end, like a slice.
+        """
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:
@@ -106,7 +129,8 @@ class ObjectStore(abc.ABC):
 
     def check(self) -> None:
         """Prove the store is usable (bucket exists, credentials work). Raises StorageError."""
-        probe = ".layervault-probe"
+        # A unique name: several agents may check one shared store at the same moment.
+        probe = f".layervault-probe-{uuid.uuid4().hex}"
         self.put(probe, b"ok")
         if self.get(probe) != b"ok":
             raise StorageError(f"{self.url}: read back of {probe!r} returned different bytes")

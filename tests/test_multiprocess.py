@@ -1,0 +1,161 @@
+"""The whole system as separate processes: a coordinator, two agents ("nodes") and four
+gloo ranks (two per agent), on the real S3 server and on a local folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from layervault.demo import RankJob, free_port, run_ranks
+
+from services import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+
+class Cluster:
+    """A coordinator and two agents as `layervault` processes."""
+
+    def __init__(self, storage: str, workdir: pathlib.Path, staging_mib: int = 64) -> None:
+        self.storage, self.workdir, self.staging_mib = storage, workdir, staging_mib
+        self.start()
+
+    def start(self) -> None:
+        self.coordinator = ServiceProcess(["coordinator", "--storage", self.storage, "--host", "127.0.0.1", "--port", "0"],
+                                          self.workdir, "coordinator")
+        self.agents = [
+            ServiceProcess(["agent", "--coordinator", self.coordinator.info["coordinator"], "--storage", self.storage,
+                            "--socket", str(self.workdir / f"node{n}.sock"), "--staging-mib", str(self.staging_mib),
+                            "--chunk-mib", "1"], self.workdir, f"agent{n}")
+            for n in range(2)
+        ]
+
+    def restart_agent(self, n: int, kill: bool = True) -> None:
+        old = self.agents[n]
+        old.kill() if kill else old.stop()
+        self.agents[n] = ServiceProcess(["agent", "--coordinator", self.coordinator.info["coordinator"], "--storage",
+                                         self.storage, "--socket", str(self.workdir / f"node{n}.sock"),
+                                         "--staging-mib", str(self.staging_mib), "--chunk-mib", "1"], self.workdir, f"agent{n}")
+
+    def rank_agents(self, world_size: int) -> list[str]:
+        return [self.agents[rank * 2 // world_size].info["agent"] for rank in range(world_size)]
+
+    def kill(self) -> None:
+        for proc in (*self.agents, self.coordinator):
+            proc.kill()
+
+    def stop(self) -> None:
+        for proc in (*self.agents, self.coordinator):
+            proc.stop()
+
+
+def _cli(*args: str, agent: str) -> str:
+    env = {**os.environ, "LAYERVAULT_AGENT": agent}
+    return subprocess.run([sys.executable, "-m", "layervault.cli", *args], env=env, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_four_ranks_two_agents_kill_everything_and_resume(store_url, tmp_path):
+    cluster = Cluster(store_url, tmp_path)
+    try:
+        spec = RankJob("run-42", 4, free_port(), cluster.rank_agents(4), str(tmp_path), "train", save_steps=(3, 6))
+        reference = run_ranks(spec)
+        cluster.kill()  # SIGKILL: no graceful anything
+        cluster.start()
+        resumed = run_ranks(dataclasses.replace(spec, mode="resume", master_port=free_port(), agents=cluster.rank_agents(4)))
+        for ref, res in zip(reference, resumed):
+            assert res["resumed_from"] == 6
+            assert res["losses"] == {step: ref["losses"][step] for step in res["losses"]}
+            assert list(res["losses"]) == ["7", "8", "9", "10"]
+
+        listing = json.loads(_cli("ls", "run-42", "--json", agent=cluster.agents[1].info["agent"]))
+        assert [(c["id"]["kind"], int(c["id"]["step"])) for c in listing] == [
+            ("model", 3), ("model", 6), ("optimizer", 3), ("optimizer", 6)]
+        assert all(c["world_size"] == 4 for c in listing)
+
+        # Replicated (DDP) tensors are stored once, spread over all four ranks and both agents.
+        manifest = json.loads(_cli("show", "run-42", "6", "--json", agent=cluster.agents[0].info["agent"]))
+        names = [s["name"] for s in manifest["shards"]]
+        assert len(names) == len(set(names))
+        assert {s.get("rank", 0) for s in manifest["shards"]} == {0, 1, 2, 3}
+        assert manifest["config"]["additional"] == {"creator": "layervault-demo", "version": "1.0"}
+    finally:
+        cluster.stop()
+
+
+def test_killed_rank_never_commits_and_previous_step_still_loads(store_url, tmp_path):
+    """SIGKILL one rank in the middle of its hand-off: that step is never listed."""
+    cluster = Cluster(store_url, tmp_path)
+    try:
+        spec = RankJob("crashy", 2, free_port(), cluster.rank_agents(2), str(tmp_path), "train", save_steps=(3,), extra_steps=0)
+        run_ranks(spec)
+        script = tmp_path / "victim.py"
+        script.write_text(_VICTIM)
+        victim = subprocess.Popen([sys.executable, str(script), cluster.agents[0].info["agent"]],
+                                  stdout=subprocess.PIPE, text=True)
+        assert victim.stdout.readline().strip() == "staging"
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        time.sleep(1.0)
+        out = _cli("ls", "crashy", "--json", agent=cluster.agents[0].info["agent"])
+        assert [int(c["id"]["step"]) for c in json.loads(out) if c["id"]["kind"] == "model"] == [3]
+        resumed = run_ranks(dataclasses.replace(spec, mode="resume", master_port=free_port(), extra_steps=1))
+        assert all(r["resumed_from"] == 3 for r in resumed)
+    finally:
+        cluster.stop()
+
+
+def test_agent_killed_mid_save_never_commits_and_the_step_can_be_saved_again(store_url, tmp_path):
+    cluster = Cluster(store_url, tmp_path)
+    try:
+        spec = RankJob("crashy", 2, free_port(), cluster.rank_agents(2), str(tmp_path), "train", save_steps=(3,), extra_steps=0)
+        run_ranks(spec)
+        script = tmp_path / "victim.py"
+        script.write_text(_VICTIM)
+        victim = subprocess.Popen([sys.executable, str(script), cluster.agents[0].info["agent"], "1"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert victim.stdout.readline().strip() == "staging"
+        cluster.restart_agent(0)  # SIGKILL the agent while the rank is handing off, then start a new one
+        victim.kill()
+        victim.wait(10)
+        agent = cluster.agents[0].info["agent"]
+        assert [int(c["id"]["step"]) for c in json.loads(_cli("ls", "crashy", "--kind", "model", "--json", agent=agent))] == [3]
+        # The forgotten attempt does not block a new save of the same step.
+        redo = subprocess.run([sys.executable, str(script), agent, "1", "fast"], capture_output=True, text=True, timeout=120)
+        assert redo.returncode == 0, redo.stderr
+        steps = [int(c["id"]["step"]) for c in json.loads(_cli("ls", "crashy", "--kind", "model", "--json", agent=agent))]
+        assert steps == [3, 4]
+    finally:
+        cluster.stop()
+
+
+_VICTIM = r'''
+import sys, time, torch
+import layervault as lv
+from layervault.client import AgentClient, CheckpointRef, SaveEntry
+from layervault.torch.tensors import TensorSource, whole_layout
+from layervault.proto import manifest_pb2
+
+class SlowSource(TensorSource):
+    def copy_to(self, offset, dst):
+        super().copy_to(offset, dst)
+        print("staging", flush=True)
+        time.sleep(600)  # killed here, in the middle of its hand-off
+
+client = AgentClient(sys.argv[1])
+world_size = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+fast = len(sys.argv) > 3
+t = torch.ones(1 << 20)
+entry = SaveEntry("w", whole_layout(t), TensorSource(t) if fast else SlowSource(t))
+handle = client.save(CheckpointRef("crashy", "model", 4), rank=0, world_size=world_size,
+                     config=manifest_pb2.Config(name="x"), keys={}, extra={}, entries=[entry])
+handle.wait(timeout=60)
+'''
