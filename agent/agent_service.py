@@ -18,7 +18,7 @@ import psutil
 from layervault.agent.catalog import Catalog
 from layervault.agent.restore import fetch_shards, select_shards
 from layervault.agent.rpc import CHANNEL_OPTIONS, handler
-from layervault.agent.save_session import SaveSession
+from layervault.agent.save_session import SaveSession, validate_open
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
 from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError, error_from_rpc
@@ -101,6 +101,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise
 
     def _open_session(self, open_msg: agent_pb2.SaveOpen) -> SaveSession:
+        validate_open(open_msg)
         id_ = open_msg.id
         begin = coordinator_pb2.BeginSaveRequest(id=id_, world_size=open_msg.world_size, rank=open_msg.rank,
                                                  agent_id=self.agent_id, overwrite=open_msg.overwrite)

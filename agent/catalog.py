@@ -7,13 +7,14 @@ any time), and ``layervault show --storage URL`` uses the same code with no serv
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Iterator, Mapping
 
 from layervault.agent import keys
 from layervault.agent.manifest import Manifest, decode_manifest, matches
 from layervault.agent.storage import ObjectNotFound, ObjectStore
-from layervault.errors import NotFoundError
+from layervault.errors import InvalidArgumentError, NotFoundError
 
 
 class Catalog:
@@ -58,6 +59,13 @@ class Catalog:
         """The newest committed checkpoint whose training keys match ``selector``."""
         keys.check_job(job)
         keys.check_kind(kind)
+        for name, text in selector.items():
+            try:
+                json.loads(text)
+            except ValueError:
+                raise InvalidArgumentError(f"selector {name}={text!r} is not a JSON scalar") from None
+        if "step" in selector and not selector["step"].isdigit():
+            raise InvalidArgumentError(f"selector step={selector['step']!r} is not a non-negative integer")
         if set(selector) == {"step"}:  # direct hit, no listing needed
             key = keys.manifest_key(job, kind, int(selector["step"]))
             if self.store.exists(key):

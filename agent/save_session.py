@@ -47,6 +47,35 @@ class EntryState:
     stored: int = 0
 
 
+def validate_open(open_msg: agent_pb2.SaveOpen) -> None:
+    """Refuse a save whose declared entries can never be valid, before anything is staged."""
+    id_ = open_msg.id
+    keys.step_prefix(id_.job, id_.kind, id_.step)
+    label = f"{id_.job}/{id_.kind}/step {id_.step} rank {open_msg.rank}"
+    if open_msg.world_size < 1 or not 0 <= open_msg.rank < open_msg.world_size:
+        raise InvalidArgumentError(f"{label}: rank {open_msg.rank} is not within world size {open_msg.world_size}")
+    seen = set()
+    for spec in open_msg.entries:
+        keys.layer_segment(spec.name)
+        if spec.name in seen:
+            raise InvalidArgumentError(f"{label}: duplicate entry {spec.name!r}")
+        seen.add(spec.name)
+        layout = spec.layout
+        shape = list(layout.local_shape)
+        if any(d < 0 for d in shape) or any(d < 0 for d in layout.global_shape):
+            raise InvalidArgumentError(f"{label}: entry {spec.name!r} has a negative dimension")
+        if len(layout.offsets) != len(shape) or len(layout.global_shape) != len(shape) or any(
+                o < 0 or o + d > g for o, d, g in zip(layout.offsets, shape, layout.global_shape)):
+            raise InvalidArgumentError(f"{label}: entry {spec.name!r}: shard {shape} at {list(layout.offsets)} "
+                                       f"does not fit in global shape {list(layout.global_shape)}")
+        expected = itemsize_of(layout.dtype)
+        for d in shape:
+            expected *= d
+        if spec.nbytes != expected:
+            raise InvalidArgumentError(
+                f"{label}: entry {spec.name!r} declares {spec.nbytes} bytes, but {layout.dtype}{shape} holds {expected}")
+
+
 class SaveSession:
     """State of one (checkpoint, rank) save in this agent."""
 
@@ -77,31 +106,10 @@ class SaveSession:
         self.error: LayervaultError | None = None
         self._cond = threading.Condition()
         self._chunk_counter = 0
-        self._validate_entries()
 
     @property
     def label(self) -> str:
         return f"{self.id.job}/{self.id.kind}/step {self.id.step} rank {self.rank}"
-
-    def _validate_entries(self) -> None:
-        seen = set()
-        for entry in self.entries:
-            spec = entry.spec
-            keys.layer_segment(spec.name)
-            if spec.name in seen:
-                raise InvalidArgumentError(f"{self.label}: duplicate entry {spec.name!r}")
-            seen.add(spec.name)
-            shape = list(spec.layout.local_shape)
-            if any(d < 0 for d in shape) or any(d < 0 for d in spec.layout.global_shape):
-                raise InvalidArgumentError(f"{self.label}: entry {spec.name!r} has a negative dimension")
-            expected = itemsize_of(spec.layout.dtype)
-            for d in shape:
-                expected *= d
-            if spec.nbytes != expected:
-                raise InvalidArgumentError(
-                    f"{self.label}: entry {spec.name!r} declares {spec.nbytes} bytes, "
-                    f"but {spec.layout.dtype}{shape} holds {expected}"
-                )
 
     # -- hand-off ---------------------------------------------------------------------------
 

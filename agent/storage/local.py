@@ -1,64 +1,127 @@
 """``file:///path``: the embedded default store, a folder on a local (or shared) filesystem.
 
-Writes go to a temporary file that is fsynced and renamed into place, so a reader never
-sees a partial object; ``put_if_absent`` links the temporary file to its final name, which
-fails atomically when the name exists (a real create-only write).
+Every write goes to a temporary file in the object's own folder, is fsynced, and only then
+gets its final name, so a reader never sees a partial object and a crash leaves either the
+old object or the new one. ``put`` renames (``os.replace``, last writer wins);
+``put_if_absent`` hard-links the temporary file to the final name, which the kernel refuses
+atomically when the name exists: a real create-only write, the property the commit of a
+manifest relies on. The folder is fsynced after each name change so the name survives a
+power loss too.
+
+Temporary files are named ``.tmp-<uuid>``; :meth:`LocalStore.list` skips them and keys may
+not use that form. Folders that a delete leaves empty are removed, so the tree mirrors
+the live keys, as ``aws s3 ls`` would show them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
 import uuid
-from typing import Iterator
+from collections.abc import Iterator, Sequence
 
-from layervault.agent.storage.base import ByteRange, ObjectNotFound, ObjectStore, StorageError
+from layervault.agent.storage.base import ByteRange, ObjectNotFound, ObjectStore, StorageError, check_key
 
 _TMP = ".tmp-"
+_MAKE_TEMP_TRIES = 5
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class LocalStore(ObjectStore):
+    """Objects as files below ``root``; key ``a/b/c`` is the file ``root/a/b/c``.
+
+    Thread-safe and safe across processes sharing the folder: every name change is one
+    atomic system call. A key cannot name both an object and a "folder" of other keys
+    (``a`` and ``a/b``), which S3 allows; such a write fails with :class:`StorageError`.
+    """
+
     supports_conditional_put = True
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         super().__init__()
-        self.root = pathlib.Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        path = pathlib.Path(root)
+        if not path.is_absolute():
+            raise ValueError(f"local store root {str(root)!r} must be an absolute path")
+        self.root = path.resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{self.root.as_uri()}: cannot create the store folder: {exc}") from exc
 
     @property
     def url(self) -> str:
         return self.root.as_uri()
 
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # -- keys and files ---------------------------------------------------------------
+
     def _path(self, key: str) -> pathlib.Path:
-        parts = key.split("/")
-        if not key or key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"invalid object key {key!r}")
+        parts = check_key(key).split("/")
+        if any(part.startswith(_TMP) for part in parts):
+            raise ValueError(f"invalid object key {key!r}: {_TMP}* names are the store's temporary files")
         return self.root.joinpath(*parts)
 
-    def _write_temp(self, path: pathlib.Path, data: bytes | memoryview) -> pathlib.Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return tmp
+    def _make_parents(self, path: pathlib.Path) -> None:
+        """Create the missing folders above ``path``, fsyncing each new folder's parent."""
+        missing = []
+        folder = path.parent
+        while folder != self.root and not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                continue  # a concurrent put made it (or a file is in the way: the open below says so)
+            _fsync_dir(folder.parent)
 
-    def _sync_dir(self, path: pathlib.Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _write_temp(self, path: pathlib.Path, data: bytes | memoryview) -> pathlib.Path:
+        """Write ``data`` durably to a fresh temporary file beside ``path``."""
+        for attempt in range(_MAKE_TEMP_TRIES):
+            self._make_parents(path)
+            tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                # A concurrent delete removed the folder it had just emptied: make it again.
+                if attempt == _MAKE_TEMP_TRIES - 1:
+                    raise
+                continue
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            return tmp
+        raise AssertionError("unreachable")
+
+    # -- ObjectStore --------------------------------------------------------------------
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         try:
             tmp = self._write_temp(path, data)
-            os.replace(tmp, path)
-            self._sync_dir(path.parent)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            _fsync_dir(path.parent)
         except OSError as exc:
-            raise StorageError(f"{self.url}: cannot write {key}: {exc}") from exc
+            raise StorageError(f"put {self.url}/{key}: {exc}") from exc
         self.stats.add(puts=1, put_bytes=len(data))
 
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
@@ -68,12 +131,20 @@ class LocalStore(ObjectStore):
             try:
                 os.link(tmp, path)
             except FileExistsError:
+                self.stats.add(puts=1)
                 return False
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise StorageError(
+                        f"put_if_absent {self.url}/{key}: this filesystem has no hard links, "
+                        "which the create-only write needs"
+                    ) from exc
+                raise
             finally:
                 tmp.unlink(missing_ok=True)
-            self._sync_dir(path.parent)
+            _fsync_dir(path.parent)
         except OSError as exc:
-            raise StorageError(f"{self.url}: cannot create {key}: {exc}") from exc
+            raise StorageError(f"put_if_absent {self.url}/{key}: {exc}") from exc
         self.stats.add(puts=1, put_bytes=len(data))
         return True
 
@@ -86,10 +157,10 @@ class LocalStore(ObjectStore):
                 else:
                     f.seek(byte_range.start)
                     data = f.read(byte_range.length)
-        except FileNotFoundError as exc:
-            raise ObjectNotFound(f"{self.url}: no object {key}") from exc
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectNotFound(f"get {self.url}/{key}: no such object") from exc
         except OSError as exc:
-            raise StorageError(f"{self.url}: cannot read {key}: {exc}") from exc
+            raise StorageError(f"get {self.url}/{key}: {exc}") from exc
         self.stats.add(gets=1, get_bytes=len(data))
         return data
 
@@ -97,40 +168,47 @@ class LocalStore(ObjectStore):
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> Iterator[str]:
+        """Keys starting with ``prefix``, sorted; the walk is done before this returns."""
+        if "\\" in prefix or "\x00" in prefix or prefix.startswith("/"):
+            raise ValueError(f"invalid list prefix {prefix!r}")
+        folder, _, _ = prefix.rpartition("/")
+        if folder:
+            check_key(folder)
         self.stats.add(lists=1)
-        # Walk only the deepest folder the prefix names completely.
-        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = self.root.joinpath(*folder.split("/")) if folder else self.root
-        if not start.is_dir():
-            return iter(())
+
+        def on_error(exc: OSError) -> None:
+            # A folder that vanished under the walk (a concurrent delete emptied it) holds no
+            # keys; anything else must not pass for an empty listing.
+            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                raise StorageError(f"list {self.url}/{prefix}*: {exc}") from exc
+
         found = []
-        try:
-            for dirpath, _, filenames in os.walk(start):
-                rel = os.path.relpath(dirpath, self.root)
-                for name in filenames:
-                    if name.startswith(_TMP):
-                        continue
-                    key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
-                    if key.startswith(prefix):
-                        found.append(key)
-        except OSError as exc:
-            raise StorageError(f"{self.url}: cannot list {prefix!r}: {exc}") from exc
+        for dirpath, dirnames, filenames in os.walk(start, onerror=on_error):
+            rel = pathlib.Path(dirpath).relative_to(self.root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            # Descend only into folders that can hold a matching key.
+            dirnames[:] = [d for d in dirnames if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")]
+            found.extend(base + name for name in filenames if not name.startswith(_TMP) and (base + name).startswith(prefix))
         return iter(sorted(found))
 
-    def delete(self, keys: list[str]) -> None:
-        for key in keys:
-            path = self._path(key)
+    def delete(self, keys: Sequence[str]) -> None:
+        paths = [self._path(key) for key in keys]  # validate all before deleting any
+        for key, path in zip(keys, paths):
             try:
                 path.unlink()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
             except OSError as exc:
-                raise StorageError(f"{self.url}: cannot delete {key}: {exc}") from exc
-            self.stats.add(deletes=1)
-            parent = path.parent
-            while parent != self.root:
+                if path.is_dir():
+                    continue  # a "folder" of other keys, not an object
+                raise StorageError(f"delete {self.url}/{key}: {exc}") from exc
+            finally:
+                self.stats.add(deletes=1)
+            folder = path.parent
+            while folder != self.root:
                 try:
-                    parent.rmdir()
+                    folder.rmdir()
                 except OSError:
-                    break
-                parent = parent.parent
+                    break  # not empty (or already gone): stop climbing
+                folder = folder.parent
