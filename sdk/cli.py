@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from layervault.agent.storage import StorageError
+
     try:
         return args.func(args)
-    except LayervaultError as exc:
+    except (LayervaultError, StorageError, ValueError) as exc:  # user-facing: a message, not a traceback
         print(f"layervault: {exc}", file=sys.stderr)
         return 1
 

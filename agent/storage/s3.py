@@ -106,7 +106,7 @@ class S3Store(ObjectStore):
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
 
-    @property  # type: ignore[override]
+    @property
     def supports_conditional_put(self) -> bool:  # type: ignore[override]
         """True when the server honours ``If-None-Match: *`` (probed on first use)."""
         return self._conditional_supported()
@@ -278,8 +278,7 @@ class S3Store(ObjectStore):
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
             except _S3Error as exc:
-                raise self._error("delete", batch[0] if len(batch) == 1 else f"{batch[0]} (+{len(batch) - 1} more)",
-                                  exc) from exc
+                raise self._error(f"delete of {len(batch)} keys from", batch[0], exc) from exc
             self.stats.add(deletes=len(batch))
             errors = [e for e in resp.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
             if errors:
@@ -306,7 +305,10 @@ class S3Store(ObjectStore):
                 ) from exc
             raise StorageError(f"check of {self.url}: {self._error('HeadBucket', None, exc)}") from exc
         try:
-            next(iter(self.list("")), None)
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+        except _S3Error as exc:
+            raise StorageError(f"check of {self.url}: {self._error('ListObjectsV2 in', None, exc)}") from exc
+        try:
             super().check()  # put, get and delete of a probe key below the prefix
         except StorageError as exc:
             raise StorageError(f"check of {self.url} (prefix {self.prefix!r}): {exc}") from exc

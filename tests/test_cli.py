@@ -1,0 +1,67 @@
+"""The `layervault` command line: ls/show through an agent and straight from storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import layervault as lv
+from layervault.client import AgentClient
+from layervault.torch import ModelManager
+
+from services import start_in_process
+
+
+def cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "layervault.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def saved(store_url):
+    services = start_in_process(store_url)
+    mm = ModelManager(lv.ModelConfig(job="cli-job", name="gpt-small", additional={"creator": "me", "version": "1.0"}),
+                      agent=AgentClient(services.agent_address))
+    state = {"encoder.weight": torch.zeros(256, 256), "encoder.bias": torch.arange(256, dtype=torch.int64)}
+    mm.save(state, step=100, epoch=3).wait(60)
+    yield services, store_url
+    services.stop()
+
+
+def test_ls_and_show_through_the_agent(saved):
+    services, _ = saved
+    env = {"LAYERVAULT_AGENT": services.agent_address}
+    out = cli("ls", env=env).stdout
+    assert "cli-job" in out and "gpt-small" in out and "epoch=3" in out
+    show = cli("show", "cli-job", "100", env=env).stdout
+    assert "name=gpt-small" in show and "creator=me" in show and "version=1.0" in show and "compressor=lz4" in show
+    assert "encoder.weight" in show and "256x256" in show and "float32" in show and "lz4/1" in show
+    assert "encoder.bias" in show and "int64" in show
+
+
+def test_show_reads_storage_without_any_service(saved):
+    services, store_url = saved
+    services.stop()
+    manifest = json.loads(cli("show", "cli-job", "100", "--storage", store_url, "--json").stdout)
+    assert manifest["format_version"] == 1 and manifest["keys"] == {"epoch": "3", "step": "100"}
+    assert {s["name"] for s in manifest["shards"]} == {"encoder.weight", "encoder.bias"}
+    listing = json.loads(cli("ls", "--storage", store_url, "--json").stdout)
+    assert [(c["id"]["job"], c["id"]["step"]) for c in listing] == [("cli-job", "100")]
+
+
+def test_cli_errors_are_messages_not_tracebacks(saved):
+    services, store_url = saved
+    missing = cli("show", "cli-job", "7", "--storage", store_url, check=False)
+    assert missing.returncode == 1 and "step=7" in missing.stderr and "Traceback" not in missing.stderr
+    down = cli("ls", env={"LAYERVAULT_AGENT": "unix:///nonexistent/agent.sock"}, check=False)
+    assert down.returncode == 1 and "unavailable" in down.stderr and "Traceback" not in down.stderr
+    bad = cli("ls", "--storage", "ftp://x/y", check=False)
+    assert bad.returncode == 1 and "unsupported storage URL" in bad.stderr and "Traceback" not in bad.stderr
