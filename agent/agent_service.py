@@ -250,4 +250,5 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return agent_pb2.AgentStats(
             agent_id=self.agent_id, pool_size=self.pool.size, pool_in_use=self.pool.in_use,
             store_puts=counts["puts"], store_put_bytes=counts["put_bytes"], store_gets=counts["gets"],
-            store_get_bytes=counts["get_bytes"], saves_in_flight=in_flight, peak_rss_bytes=self._peak_rss)
+            store_get_bytes=counts["get_bytes"], saves_in_flight=in_flight, peak_rss_bytes=self._peak_rss,
+            pool_path=str(self.pool.path))

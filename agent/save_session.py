@@ -43,6 +43,8 @@ class EntryState:
     spec: agent_pb2.EntrySpec
     chain: list[str] | None = None
     chunks: list[manifest_pb2.ChunkRef] = dataclasses.field(default_factory=list)
+    ranges: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (offset, length) handed off
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     staged: int = 0
     stored: int = 0
 
@@ -149,6 +151,13 @@ class SaveSession:
 
     def finish(self) -> int:
         """The rank's hand-off is complete: check every byte arrived; returns staged bytes."""
+        for e in self.entries:
+            position = 0
+            for offset, length in sorted(e.ranges):
+                if offset != position:
+                    what = "overlapping pieces" if offset < position else f"a gap at byte {position}"
+                    raise InvalidArgumentError(f"{self.label}: entry {e.spec.name!r} was handed off with {what}")
+                position += length
         missing = [e.spec.name for e in self.entries if e.staged != e.spec.nbytes]
         if missing:
             raise InvalidArgumentError(
@@ -195,22 +204,37 @@ class SaveSession:
         return state
 
     def _queue_piece(self, entry: int, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
+        """Account for a piece now; cut and upload it on the executor, off the rank's critical path."""
         state = self._check_piece(entry, entry_offset, length)
-        if state.chain is None:
-            sample = self.pool.view[pool_offset:pool_offset + min(length, 1 << 18)]
-            state.chain = choose_chain(sample, self.open.config.compressor or "lz4", itemsize_of(state.spec.layout.dtype))
-        chain = state.chain
-        for start in range(0, length, self.chunk_size):
-            n = min(self.chunk_size, length - start)
-            with self._cond:
-                if self.error is not None:
-                    raise self.error
-                reservation.pending += 1
-                self._pending_chunks += 1
-                index = self._chunk_counter
-                self._chunk_counter += 1
-                state.staged += n
-            self.executor.submit(self._upload_chunk, state, chain, entry_offset + start, pool_offset + start, n, index, reservation)
+        with self._cond:
+            if self.error is not None:
+                raise self.error
+            state.ranges.append((entry_offset, length))
+            state.staged += length
+            reservation.pending += 1
+            self._pending_chunks += 1
+        self.executor.submit(self._plan_piece, state, entry_offset, pool_offset, length, reservation)
+
+    def _plan_piece(self, state: EntryState, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
+        try:
+            with state.lock:  # one codec chain per shard, chosen from its first piece
+                if state.chain is None:
+                    sample = self.pool.view[pool_offset:pool_offset + min(length, 1 << 18)]
+                    state.chain = choose_chain(sample, self.open.config.compressor or "lz4",
+                                               itemsize_of(state.spec.layout.dtype))
+            for start in range(0, length, self.chunk_size):
+                n = min(self.chunk_size, length - start)
+                with self._cond:
+                    if self.error is not None:
+                        break
+                    reservation.pending += 1
+                    self._pending_chunks += 1
+                    index = self._chunk_counter
+                    self._chunk_counter += 1
+                self.executor.submit(self._upload_chunk, state, state.chain, entry_offset + start,
+                                     pool_offset + start, n, index, reservation)
+        finally:
+            self._chunk_done(reservation)
 
     def _upload_chunk(self, state: EntryState, chain: list[str], entry_offset: int, pool_offset: int,
                       length: int, index: int, reservation: Reservation) -> None:
@@ -232,11 +256,14 @@ class SaveSession:
                 if self.error is None:
                     self.error = SaveFailedError(f"{self.label}: upload of layer {state.spec.name!r} failed: {exc}")
         finally:
-            with self._cond:
-                reservation.pending -= 1
-                self._pending_chunks -= 1
-                self._release_idle_reservations()
-            self._maybe_complete()
+            self._chunk_done(reservation)
+
+    def _chunk_done(self, reservation: Reservation) -> None:
+        with self._cond:
+            reservation.pending -= 1
+            self._pending_chunks -= 1
+            self._release_idle_reservations()
+        self._maybe_complete()
 
     def _seal(self, reservation: Reservation) -> None:
         with self._cond:

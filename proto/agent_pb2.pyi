@@ -546,6 +546,7 @@ class AgentStats(_message.Message):
     STORE_GET_BYTES_FIELD_NUMBER: _builtins.int
     SAVES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     PEAK_RSS_BYTES_FIELD_NUMBER: _builtins.int
+    POOL_PATH_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     pool_size: _builtins.int
     pool_in_use: _builtins.int
@@ -555,6 +556,8 @@ class AgentStats(_message.Message):
     store_get_bytes: _builtins.int
     saves_in_flight: _builtins.int
     peak_rss_bytes: _builtins.int
+    pool_path: _builtins.str
+    """the staging pool ranks of this node map"""
     def __init__(
         self,
         *,
@@ -567,10 +570,11 @@ class AgentStats(_message.Message):
         store_get_bytes: _builtins.int = ...,
         saves_in_flight: _builtins.int = ...,
         peak_rss_bytes: _builtins.int = ...,
+        pool_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "peak_rss_bytes", b"peak_rss_bytes", "pool_in_use", b"pool_in_use", "pool_size", b"pool_size", "saves_in_flight", b"saves_in_flight", "store_get_bytes", b"store_get_bytes", "store_gets", b"store_gets", "store_put_bytes", b"store_put_bytes", "store_puts", b"store_puts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "peak_rss_bytes", b"peak_rss_bytes", "pool_in_use", b"pool_in_use", "pool_path", b"pool_path", "pool_size", b"pool_size", "saves_in_flight", b"saves_in_flight", "store_get_bytes", b"store_get_bytes", "store_gets", b"store_gets", "store_put_bytes", b"store_put_bytes", "store_puts", b"store_puts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

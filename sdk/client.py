@@ -142,12 +142,21 @@ class AgentClient:
                 pool = self._pools[path] = _PoolMapping(path, size)
             return pool
 
-    def connect(self, timeout: float = 30.0) -> None:
-        """Wait for the agent to be reachable (and map its pool early, off the save path)."""
+    def prepare(self, timeout: float = 5.0) -> bool:
+        """Map the agent's staging pool now, so the first save() pays no page-table set-up.
+
+        Best effort: False if the agent is not reachable yet (the first save maps it then).
+        """
+        if not self.shared_memory:
+            return False
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise UnavailableError(f"no layervault agent answers at {self.address} (set LAYERVAULT_AGENT?)") from None
+            stats = self._stub.Stats(common_pb2.Empty(), timeout=timeout)
+            if stats.pool_path and os.path.exists(stats.pool_path):
+                self._pool(stats.pool_path, stats.pool_size)
+                return True
+        except grpc.RpcError:
+            pass
+        return False
 
     def _call(self, method: str, request: object, timeout: float | None = 60.0) -> object:
         try:

@@ -241,6 +241,7 @@ def test_rank_that_disconnects_mid_handoff_never_commits(services):
     stub = agent_pb2_grpc.AgentStub(grpc.insecure_channel(services.agent_address))
     spec = agent_pb2.EntrySpec(name="w", nbytes=1 << 20)
     spec.layout.dtype, spec.layout.global_shape[:], spec.layout.local_shape[:] = "uint8", [1 << 20], [1 << 20]
+    spec.layout.offsets[:] = [0]
     open_msg = agent_pb2.SaveOpen(id=common_pb2.CheckpointId(job="run-42", kind="model", step=2), rank=0,
                                   world_size=1, entries=[spec], shared_memory=False)
 

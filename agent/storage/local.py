@@ -25,6 +25,7 @@ from layervault.agent.storage.base import ByteRange, ObjectNotFound, ObjectStore
 
 _TMP = ".tmp-"
 _MAKE_TEMP_TRIES = 5
+_COLLISION = "one key names an object and another a folder of keys ('a' and 'a/b'), which a folder cannot hold"
 
 
 def _fsync_dir(path: pathlib.Path) -> None:
@@ -120,6 +121,8 @@ class LocalStore(ObjectStore):
                 tmp.unlink(missing_ok=True)
                 raise
             _fsync_dir(path.parent)
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            raise StorageError(f"put {self.url}/{key}: {_COLLISION}") from exc
         except OSError as exc:
             raise StorageError(f"put {self.url}/{key}: {exc}") from exc
         self.stats.add(puts=1, put_bytes=len(data))
@@ -143,6 +146,8 @@ class LocalStore(ObjectStore):
             finally:
                 tmp.unlink(missing_ok=True)
             _fsync_dir(path.parent)
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            raise StorageError(f"put_if_absent {self.url}/{key}: {_COLLISION}") from exc
         except OSError as exc:
             raise StorageError(f"put_if_absent {self.url}/{key}: {exc}") from exc
         self.stats.add(puts=1, put_bytes=len(data))

@@ -23,6 +23,7 @@ through ``supports_conditional_put = False``.
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ MULTIPART_THRESHOLD = 64 << 20
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects request may carry
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
 _CONFLICT_RETRIES = 5  # 409 ConditionalRequestConflict: another conditional write is in flight
+_BUCKET_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}")  # botocore's rule, legacy names included
 
 _S3Error = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error)
 
@@ -73,8 +75,8 @@ class S3Store(ObjectStore):
         conditional_put: bool | None = None,
     ) -> None:
         super().__init__()
-        if not bucket or "/" in bucket:
-            raise ValueError(f"invalid bucket name {bucket!r}")
+        if not _BUCKET_RE.fullmatch(bucket):
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if self.prefix:
@@ -197,6 +199,7 @@ class S3Store(ObjectStore):
             if len(data) > MULTIPART_THRESHOLD:
                 self._client.upload_fileobj(io.BytesIO(data), self.bucket, full, Config=self._transfer)
             else:
+                # botocore refuses a memoryview body; bytes() of a bytes object is no copy.
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
         except _S3Error as exc:
             raise self._error("put", full, exc) from exc
@@ -244,30 +247,23 @@ class S3Store(ObjectStore):
         return True
 
     def list(self, prefix: str) -> Iterator[str]:
-        """Keys starting with ``prefix``; the first page is fetched before this returns."""
+        """Keys starting with ``prefix``, sorted; all pages are fetched before this returns.
+
+        Sorted here because not every server lists in byte order: SeaweedFS walks its
+        folders depth-first and returns ``a/b`` before ``a-b``.
+        """
         if "\x00" in prefix or prefix.startswith("/"):
             raise ValueError(f"invalid list prefix {prefix!r}")
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         self.stats.add(lists=1)
-        pages = iter(self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full))
-
-        def next_page() -> dict[str, Any] | None:
-            try:
-                return next(pages, None)
-            except _S3Error as exc:
-                raise self._error("list", full + "*", exc) from exc
-
-        first = next_page()  # fail here, at the call, when the bucket or the endpoint is bad
-
-        def keys() -> Iterator[str]:
-            page = first
-            while page is not None:
-                for obj in page.get("Contents", ()):
-                    yield obj["Key"][strip:]
-                page = next_page()
-
-        return keys()
+        found: list[str] = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                found.extend(obj["Key"][strip:] for obj in page.get("Contents", ()))
+        except _S3Error as exc:
+            raise self._error("list", full + "*", exc) from exc
+        return iter(sorted(found))
 
     def delete(self, keys: Sequence[str]) -> None:
         fulls = [self._key(key) for key in keys]

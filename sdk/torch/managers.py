@@ -41,6 +41,7 @@ class _Manager:
                  shared_memory: bool | None = None) -> None:
         self.config = config
         self.client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
+        self.client.prepare()
 
     def _config_proto(self) -> manifest_pb2.Config:
         return manifest_pb2.Config(name=self.config.name, framework="torch",

