@@ -131,6 +131,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             log.error("%s: coordinator call failed: %s", session.label, exc)
             if session.error is None:
                 session.error = error_from_rpc(exc)
+            return  # keep the session: WaitSave reports this error
+        with self._lock:  # the coordinator now knows the outcome; WaitSave asks it directly
+            id_ = session.id
+            if self._sessions.get((id_.job, id_.kind, id_.step, session.rank)) is session:
+                del self._sessions[(id_.job, id_.kind, id_.step, session.rank)]
 
     @handler
     def WaitSave(self, request: agent_pb2.WaitSaveRequest, context: grpc.ServicerContext) -> agent_pb2.WaitSaveReply:

@@ -194,10 +194,13 @@ class CommitCoordinator:
 
     def _expire_locked(self) -> None:
         now = time.monotonic()
-        for pending in list(self._pending.values()):
-            if pending.info is None and pending.error is None and now - pending.started > self.commit_timeout:
+        for key, pending in list(self._pending.items()):
+            age = now - pending.started
+            if pending.info is None and pending.error is None and age > self.commit_timeout:
                 self._fail_locked(pending, DeadlineError(
                     f"{pending.label}: not committed within {self.commit_timeout:.0f}s: {pending.missing()}"))
+            elif age > 2 * self.commit_timeout:
+                del self._pending[key]  # long decided; storage answers for committed ones
 
     def _commit(self, pending: PendingSave) -> None:
         job, kind, step = pending.key

@@ -134,6 +134,8 @@ class LocalStore(ObjectStore):
             try:
                 os.link(tmp, path)
             except FileExistsError:
+                if path.is_dir():
+                    raise IsADirectoryError(errno.EISDIR, "a folder has this name", str(path)) from None
                 self.stats.add(puts=1)
                 return False
             except OSError as exc:
