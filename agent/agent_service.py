@@ -46,6 +46,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}"
         self.uploads = ThreadPoolExecutor(upload_workers, thread_name_prefix="lv-upload")
         self.fetches = ThreadPoolExecutor(upload_workers, thread_name_prefix="lv-fetch")
+        # Reports (and the commit they may trigger) run here: never on a rank's hand-off or an upload thread.
+        self.reports = ThreadPoolExecutor(4, thread_name_prefix="lv-report")
         self._channel = grpc.insecure_channel(coordinator_address, options=CHANNEL_OPTIONS)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._sessions: dict[tuple[str, str, int, int], SaveSession] = {}
@@ -59,6 +61,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.pool.allocator.close()
         self.uploads.shutdown(wait=False, cancel_futures=True)
         self.fetches.shutdown(wait=False, cancel_futures=True)
+        self.reports.shutdown(wait=False, cancel_futures=True)
         self._channel.close()
         self.pool.close()
 
@@ -109,7 +112,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             save_id = self.coordinator.BeginSave(begin, timeout=30).save_id
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        session = SaveSession(open_msg, save_id, self.pool, self.store, self.uploads, self.chunk_size, self._session_done)
+        session = SaveSession(open_msg, save_id, self.pool, self.store, self.uploads, self.chunk_size,
+                              lambda done: self.reports.submit(self._session_done, done))
         with self._lock:
             self._sessions[(id_.job, id_.kind, id_.step, open_msg.rank)] = session
         return session
