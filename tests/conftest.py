@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from layervault.agent.storage import ObjectStore, open_store
-from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, client, remove_bucket
+from s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server, remove_bucket
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +48,7 @@ def s3_server() -> Iterator[S3Server]:
 @pytest.fixture
 def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     """A new, empty bucket for one test; emptied and deleted afterwards."""
-    s3 = client(s3_server.endpoint)
+    s3 = s3_server.admin
     name = f"lv-test-{uuid.uuid4().hex[:16]}"
     s3.create_bucket(Bucket=name)
     try:
@@ -58,7 +58,6 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
             remove_bucket(s3, name)
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the test's own result
             print(f"could not remove test bucket {name}: {exc}")
-        s3.close()
 
 
 @pytest.fixture(params=["file", pytest.param("s3", marks=pytest.mark.s3)])

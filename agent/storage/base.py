@@ -12,6 +12,7 @@ call twice with the same arguments (``put_if_absent`` returns ``False`` the seco
 from __future__ import annotations
 
 import abc
+import builtins
 import dataclasses
 import threading
 import uuid
@@ -124,7 +125,7 @@ class ObjectStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def delete(self, keys: list[str]) -> None:
+    def delete(self, keys: builtins.list[str]) -> None:  # `list` is a method here
         """Delete objects; missing keys are not an error."""
 
     def check(self) -> None:

@@ -190,7 +190,7 @@ class LocalStore(ObjectStore):
             if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
                 raise StorageError(f"list {self.url}/{prefix}*: {exc}") from exc
 
-        found = []
+        found: list[str] = []
         for dirpath, dirnames, filenames in os.walk(start, onerror=on_error):
             rel = pathlib.Path(dirpath).relative_to(self.root).as_posix()
             base = "" if rel == "." else rel + "/"

@@ -30,11 +30,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import boto3
 import boto3.exceptions
 import boto3.s3.transfer
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 
 from layervault.agent.storage.base import ByteRange, ObjectNotFound, ObjectStore, StorageError, check_key
 
@@ -46,6 +47,10 @@ _CONFLICT_RETRIES = 5  # 409 ConditionalRequestConflict: another conditional wri
 _BUCKET_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}")  # botocore's rule, legacy names included
 
 _S3Error = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error)
+
+# One model loader for every store of the process: each new session would otherwise parse
+# the S3 service model again (~70 ms per store; tests and tools open many stores).
+_LOADER = botocore.loaders.create_loader()
 
 
 def _code(exc: BaseException) -> str:
@@ -89,9 +94,12 @@ class S3Store(ObjectStore):
             s3={"addressing_style": "path"},
             tcp_keepalive=True,
         )
-        # A private session: boto3's default session is not safe to share while creating clients.
-        session = boto3.session.Session(region_name=region_name)
-        self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        # A fresh session per store, so the environment and credentials are read now (a
+        # shared session would cache the first ones it saw), with the shared model loader.
+        session = botocore.session.get_session()
+        session.register_component("data_loader", _LOADER)
+        self._client: Any = session.create_client("s3", region_name=region_name, endpoint_url=endpoint_url,
+                                                  config=config)
         self.endpoint = str(self._client.meta.endpoint_url)
         self._transfer = boto3.s3.transfer.TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
@@ -197,7 +205,9 @@ class S3Store(ObjectStore):
         full = self._key(key)
         try:
             if len(data) > MULTIPART_THRESHOLD:
-                self._client.upload_fileobj(io.BytesIO(data), self.bucket, full, Config=self._transfer)
+                # Concurrent part uploads; BytesIO over bytes shares the buffer, no copy.
+                with boto3.s3.transfer.create_transfer_manager(self._client, self._transfer) as transfer:
+                    transfer.upload(io.BytesIO(data), self.bucket, full).result()
             else:
                 # botocore refuses a memoryview body; bytes() of a bytes object is no copy.
                 self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
@@ -237,6 +247,7 @@ class S3Store(ObjectStore):
         return data
 
     def exists(self, key: str) -> bool:
+        """True if the object exists. (A HEAD cannot tell a missing bucket from a missing key.)"""
         full = self._key(key)
         try:
             self._client.head_object(Bucket=self.bucket, Key=full)
@@ -274,7 +285,7 @@ class S3Store(ObjectStore):
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
             except _S3Error as exc:
-                raise self._error(f"delete of {len(batch)} keys from", batch[0], exc) from exc
+                raise self._error(f"delete ({len(batch)} keys)", batch[0], exc) from exc
             self.stats.add(deletes=len(batch))
             errors = [e for e in resp.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
             if errors:
