@@ -113,6 +113,11 @@ class _PoolMapping:
         self.path, self.size = path, size
 
 
+def _packed(length: int) -> int:
+    """Room a piece takes in a reservation: pieces are packed at cache-line alignment."""
+    return (length + 63) // 64 * 64
+
+
 def _same_host(address: str) -> bool:
     return address.startswith("unix:") or address.split(":")[0] in ("127.0.0.1", "localhost", "[::1]")
 
@@ -208,7 +213,7 @@ class AgentClient:
         todo = [(i, 0, e.source.nbytes) for i, e in enumerate(entries) if e.source.nbytes]
         todo.reverse()
         while todo:
-            want = sum(length for _, _, length in todo)
+            want = sum(_packed(length) for _, _, length in todo)
             requests.send(agent_pb2.SaveRequest(reserve=min(want, pool.size)))
             reserved = next(replies).reserved
             cursor, end = reserved.offset, reserved.offset + reserved.length
@@ -224,7 +229,7 @@ class AgentClient:
                     break
                 entries[index].source.copy_to(offset, pool.view[cursor:cursor + length])
                 pieces.append(agent_pb2.Piece(entry=index, entry_offset=offset, pool_offset=cursor, length=length))
-                cursor += (length + 4095) // 4096 * 4096
+                cursor += _packed(length)
             requests.send(agent_pb2.SaveRequest(stage=agent_pb2.StagePieces(pieces=pieces)))
 
     def _handoff_stream(self, requests: _Requests, entries: Sequence[SaveEntry], chunk_size: int) -> None:
