@@ -27,6 +27,14 @@ from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_
 log = logging.getLogger("layervault.agent")
 
 
+def _lower_priority() -> None:
+    """Background uploads yield the CPU to training ranks (and to hand-offs) on this node."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except OSError:
+        pass
+
+
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(
         self,
@@ -44,7 +52,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.chunk_size = chunk_size
         self.staging_timeout = staging_timeout
         self.agent_id = agent_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.uploads = ThreadPoolExecutor(upload_workers, thread_name_prefix="lv-upload")
+        self.uploads = ThreadPoolExecutor(upload_workers, thread_name_prefix="lv-upload", initializer=_lower_priority)
         self.fetches = ThreadPoolExecutor(upload_workers, thread_name_prefix="lv-fetch")
         # Reports (and the commit they may trigger) run here: never on a rank's hand-off or an upload thread.
         self.reports = ThreadPoolExecutor(4, thread_name_prefix="lv-report")
