@@ -120,7 +120,7 @@ class ShardRecord(_message.Message):
     def layout(self) -> Global___TensorLayout: ...
     @_builtins.property
     def codec(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """codec chain applied in order, e.g. ["shuffle/1:4", "lz4/1"]"""
+        """codec chain applied in order, e.g. ["shuffle/1:4", "lz4/1:1"]"""
 
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChunkRef]: ...

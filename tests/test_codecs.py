@@ -8,7 +8,8 @@ def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(a.view(np.uint8).reshape(-1))
 
 
-@pytest.mark.parametrize("chain", [[], ["lz4/1"], ["shuffle/1:4", "lz4/1"], ["shuffle/1:8"], ["shuffle/1:2", "lz4/1"]])
+@pytest.mark.parametrize("chain", [[], ["lz4/1"], ["lz4/1:1"], ["lz4/1:8"], ["shuffle/1:4", "lz4/1:1"], ["shuffle/1:8"],
+                                   ["shuffle/1:2", "lz4/1"]])
 @pytest.mark.parametrize("size", [0, 1, 7, 4096, 1 << 20])
 def test_chain_roundtrip(chain, size):
     raw = np.random.default_rng(size).integers(0, 255, size, dtype=np.uint8)
@@ -27,6 +28,8 @@ def test_unknown_or_malformed_descriptor_is_refused():
         codec_from_descriptor("lz4")
     with pytest.raises(CodecError, match="element size"):
         codec_from_descriptor("shuffle/1:3")
+    with pytest.raises(CodecError, match="acceleration"):
+        codec_from_descriptor("lz4/1:fast")
 
 
 def test_corrupt_lz4_block_raises_codec_error():
@@ -41,7 +44,7 @@ def test_selection_follows_the_data():
     # uniformly random bits do not compress: stored raw, no CPU spent on a codec
     assert choose_chain(_bytes(rng.integers(0, 2**32, 1 << 18, dtype=np.uint32)), "lz4", 4) == []
     # mostly zeros: plain lz4 (shuffle would hurt)
-    assert choose_chain(_bytes(np.zeros(1 << 18, np.float32)), "lz4", 4) == ["lz4/1"]
+    assert choose_chain(_bytes(np.zeros(1 << 18, np.float32)), "lz4", 4) == ["lz4/1:1"]
     # counters: shuffle+lz4
-    assert choose_chain(_bytes(np.arange(1 << 16, dtype=np.int64)), "lz4", 8) == ["shuffle/1:8", "lz4/1"]
+    assert choose_chain(_bytes(np.arange(1 << 16, dtype=np.int64)), "lz4", 8) == ["shuffle/1:8", "lz4/1:1"]
     assert choose_chain(_bytes(np.zeros(1 << 18, np.float32)), "none", 4) == []

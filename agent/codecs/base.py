@@ -1,7 +1,7 @@
 """Codecs as versioned descriptors.
 
 A shard's codec chain is recorded in the manifest as a list of descriptors such as
-``["shuffle/1:4", "lz4/1"]`` (name, major version, optional parameter). Readers rebuild the
+``["shuffle/1:4", "lz4/1:1"]`` (name, major version, optional parameter). Readers rebuild the
 chain from the descriptors and refuse names or major versions they do not know, so an old
 reader never silently mis-decodes a newer checkpoint.
 """

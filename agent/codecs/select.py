@@ -18,9 +18,9 @@ def candidate_chains(compressor: str, itemsize: int) -> list[list[str]]:
     """Chains worth trying for a requested compressor and a dtype's element size."""
     if compressor == "none":
         return []
-    chains = [["lz4/1"]]
+    chains = [["lz4/1:1"]]
     if compressor in ("lz4", "auto") and itemsize > 1:
-        chains.append([f"shuffle/1:{itemsize}", "lz4/1"])
+        chains.append([f"shuffle/1:{itemsize}", "lz4/1:1"])
     return chains
 
 
