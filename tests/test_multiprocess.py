@@ -91,48 +91,39 @@ def test_four_ranks_two_agents_kill_everything_and_resume(store_url, tmp_path):
         cluster.stop()
 
 
-def test_killed_rank_never_commits_and_previous_step_still_loads(store_url, tmp_path):
-    """SIGKILL one rank in the middle of its hand-off: that step is never listed."""
+def _model_steps(cluster: Cluster, job: str) -> list[int]:
+    out = _cli("ls", job, "--kind", "model", "--json", agent=cluster.agents[0].info["agent"])
+    return [int(c["id"]["step"]) for c in json.loads(out)]
+
+
+@pytest.mark.parametrize("killed", ["rank", "agent"])
+def test_killed_mid_handoff_never_commits_and_the_step_can_be_saved_again(store_url, tmp_path, killed):
+    """SIGKILL a rank (or its agent) while it hands off step 4: step 4 is never listed, step 3
+    still restores, and a new attempt at step 4 commits."""
     cluster = Cluster(store_url, tmp_path)
     try:
         spec = RankJob("crashy", 2, free_port(), cluster.rank_agents(2), str(tmp_path), "train", save_steps=(3,), extra_steps=0)
         run_ranks(spec)
         script = tmp_path / "victim.py"
         script.write_text(_VICTIM)
-        victim = subprocess.Popen([sys.executable, str(script), cluster.agents[0].info["agent"]],
-                                  stdout=subprocess.PIPE, text=True)
-        assert victim.stdout.readline().strip() == "staging"
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(10)
-        time.sleep(1.0)
-        out = _cli("ls", "crashy", "--json", agent=cluster.agents[0].info["agent"])
-        assert [int(c["id"]["step"]) for c in json.loads(out) if c["id"]["kind"] == "model"] == [3]
-        resumed = run_ranks(dataclasses.replace(spec, mode="resume", master_port=free_port(), extra_steps=1))
-        assert all(r["resumed_from"] == 3 for r in resumed)
-    finally:
-        cluster.stop()
-
-
-def test_agent_killed_mid_save_never_commits_and_the_step_can_be_saved_again(store_url, tmp_path):
-    cluster = Cluster(store_url, tmp_path)
-    try:
-        spec = RankJob("crashy", 2, free_port(), cluster.rank_agents(2), str(tmp_path), "train", save_steps=(3,), extra_steps=0)
-        run_ranks(spec)
-        script = tmp_path / "victim.py"
-        script.write_text(_VICTIM)
-        victim = subprocess.Popen([sys.executable, str(script), cluster.agents[0].info["agent"], "1"],
+        victim = subprocess.Popen([sys.executable, str(script), cluster.agents[0].info["agent"], "slow"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert victim.stdout.readline().strip() == "staging"
-        cluster.restart_agent(0)  # SIGKILL the agent while the rank is handing off, then start a new one
-        victim.kill()
+        if killed == "rank":
+            victim.send_signal(signal.SIGKILL)
+        else:
+            cluster.restart_agent(0)  # SIGKILL the agent mid hand-off, then start a new one
+            victim.kill()
         victim.wait(10)
-        agent = cluster.agents[0].info["agent"]
-        assert [int(c["id"]["step"]) for c in json.loads(_cli("ls", "crashy", "--kind", "model", "--json", agent=agent))] == [3]
-        # The forgotten attempt does not block a new save of the same step.
-        redo = subprocess.run([sys.executable, str(script), agent, "1", "fast"], capture_output=True, text=True, timeout=120)
+        time.sleep(1.0)
+        assert _model_steps(cluster, "crashy") == [3]
+        resumed = run_ranks(dataclasses.replace(spec, mode="resume", master_port=free_port(), extra_steps=1,
+                                                agents=cluster.rank_agents(2)))
+        assert all(r["resumed_from"] == 3 for r in resumed)
+        redo = subprocess.run([sys.executable, str(script), cluster.agents[0].info["agent"], "fast"],
+                              capture_output=True, text=True, timeout=120)
         assert redo.returncode == 0, redo.stderr
-        steps = [int(c["id"]["step"]) for c in json.loads(_cli("ls", "crashy", "--kind", "model", "--json", agent=agent))]
-        assert steps == [3, 4]
+        assert _model_steps(cluster, "crashy") == [3, 4]
     finally:
         cluster.stop()
 
@@ -150,12 +141,11 @@ class SlowSource(TensorSource):
         print("staging", flush=True)
         time.sleep(600)  # killed here, in the middle of its hand-off
 
+# A one-rank save of step 4 that would commit on its own; "slow" stops in mid hand-off.
 client = AgentClient(sys.argv[1])
-world_size = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-fast = len(sys.argv) > 3
 t = torch.ones(1 << 20)
-entry = SaveEntry("w", whole_layout(t), TensorSource(t) if fast else SlowSource(t))
-handle = client.save(CheckpointRef("crashy", "model", 4), rank=0, world_size=world_size,
+entry = SaveEntry("w", whole_layout(t), SlowSource(t) if sys.argv[2] == "slow" else TensorSource(t))
+handle = client.save(CheckpointRef("crashy", "model", 4), rank=0, world_size=1,
                      config=manifest_pb2.Config(name="x"), keys={}, extra={}, entries=[entry])
 handle.wait(timeout=60)
 '''
