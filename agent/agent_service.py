@@ -16,7 +16,8 @@ import grpc
 import psutil
 
 from layervault.agent.catalog import Catalog
-from layervault.agent.restore import fetch_shards, select_shards
+from layervault.agent.restore import fetch_spans, select_spans
+from layervault.agent.restore_cache import ChunkCache
 from layervault.agent.rpc import CHANNEL_OPTIONS, handler
 from layervault.agent.save_session import SaveSession, validate_open
 from layervault.agent.staging import StagingPool
@@ -45,6 +46,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         upload_workers: int = 8,
         staging_timeout: float = 600.0,
         agent_id: str = "",
+        cache_bytes: int = 256 << 20,
     ) -> None:
         self.store = store
         self.catalog = Catalog(store)
@@ -59,6 +61,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self._channel = grpc.insecure_channel(coordinator_address, options=CHANNEL_OPTIONS)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self._channel)
         self._sessions: dict[tuple[str, str, int, int], SaveSession] = {}
+        self.cache = ChunkCache(cache_bytes)
         self._lock = threading.Lock()
         self._peak_rss = 0
         self._closed = threading.Event()
@@ -115,7 +118,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         validate_open(open_msg)
         id_ = open_msg.id
         begin = coordinator_pb2.BeginSaveRequest(id=id_, world_size=open_msg.world_size, rank=open_msg.rank,
-                                                 agent_id=self.agent_id, overwrite=open_msg.overwrite)
+                                                 agent_id=self.agent_id, overwrite=open_msg.overwrite,
+                                                 needs_seal=open_msg.needs_seal)
         try:
             save_id = self.coordinator.BeginSave(begin, timeout=30).save_id
         except grpc.RpcError as exc:
@@ -171,6 +175,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self._sessions.pop((id_.job, id_.kind, id_.step, request.rank), None)
         return agent_pb2.WaitSaveReply(info=info)
 
+    @handler
+    def Seal(self, request: agent_pb2.SealRequest, context: grpc.ServicerContext) -> common_pb2.Empty:
+        return self._coordinator_call("Seal", coordinator_pb2.SealSaveRequest(
+            id=request.id, world_size=request.world_size, keys=dict(request.keys), extra=dict(request.extra)))
+
     # -- restore and catalog ------------------------------------------------------------------------
 
     def _coordinator_call(self, method: str, request: object) -> object:
@@ -203,7 +212,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         req = first.open
         manifest = self._resolve(common_pb2.ResolveRequest(
             job=req.id.job, kind=req.id.kind, selector=common_pb2.Selector(keys={"step": str(req.id.step)})))
-        shards = select_shards(manifest, list(req.names))
+        spans = select_spans(manifest, list(req.names), list(req.ranges))
         use_shm = req.shared_memory
         yield agent_pb2.RestoreReply(opened=agent_pb2.SaveOpened(
             save_id=manifest.save_id, pool_path=str(self.pool.path) if use_shm else "",
@@ -226,7 +235,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if releaser:
             releaser.start()
         try:
-            for chunk in fetch_shards(self.store, manifest, shards, self.fetches):
+            for chunk in fetch_spans(self.store, manifest, spans, self.fetches, self.cache):
                 n = len(chunk.data)
                 if use_shm:
                     offset, length = self.pool.allocate(n, min_bytes=n, timeout=self.staging_timeout)

@@ -55,6 +55,13 @@ class PendingSave:
     error: LayervaultError | None = None
     info: common_pb2.CheckpointInfo | None = None
     committing: bool = False
+    needs_seal: bool = False
+    seal: coordinator_pb2.SealSaveRequest | None = None
+
+    def ready(self) -> bool:
+        """Every rank reported, and the seal is in if one is needed."""
+        return (len(self.reports) == self.world_size and (self.seal is not None or not self.needs_seal)
+                and not self.committing and self.error is None)
 
     @property
     def label(self) -> str:
@@ -63,6 +70,8 @@ class PendingSave:
 
     def missing(self) -> str:
         ranks = [r for r in range(self.world_size) if r not in self.reports]
+        if not ranks and self.needs_seal and self.seal is None:
+            return "every rank reported, but the coordinator rank never sealed the save (finish() did not run)"
         agents = sorted({self.begun[r] for r in ranks if r in self.begun})
         text = f"ranks {ranks} did not report durable shards"
         never = [r for r in ranks if r not in self.begun]
@@ -102,7 +111,7 @@ class CommitCoordinator:
                         f"{pending.label}: rank {req.rank} saves with world size {req.world_size}, "
                         f"but the attempt in progress has world size {pending.world_size}"
                     )
-                if req.rank not in pending.begun:
+                if req.rank not in pending.begun and pending.needs_seal == req.needs_seal:
                     pending.begun[req.rank] = req.agent_id
                     return pending.save_id
                 # The same rank starts again: its job restarted. The old attempt can never finish.
@@ -117,7 +126,8 @@ class CommitCoordinator:
             if pending and pending.error is None and pending.info is None and req.rank not in pending.begun:
                 pending.begun[req.rank] = req.agent_id  # another rank opened it meanwhile
                 return pending.save_id
-            pending = PendingSave(key, uuid.uuid4().hex[:12], req.world_size, req.overwrite, time.monotonic())
+            pending = PendingSave(key, uuid.uuid4().hex[:12], req.world_size, req.overwrite, time.monotonic(),
+                                  needs_seal=req.needs_seal)
             pending.begun[req.rank] = req.agent_id
             self._pending[key] = pending
             log.info("save %s opened: attempt %s, world size %d", pending.label, pending.save_id, req.world_size)
@@ -132,7 +142,24 @@ class CommitCoordinator:
             if req.world_size != pending.world_size or not 0 <= req.rank < pending.world_size:
                 raise IncompatibleStateError(f"{pending.label}: report from rank {req.rank} of {req.world_size} does not fit world size {pending.world_size}")
             pending.reports[req.rank] = req
-            ready = len(pending.reports) == pending.world_size and not pending.committing
+            ready = pending.ready()
+            if ready:
+                pending.committing = True
+        if ready:
+            self._commit(pending)
+
+    def seal(self, req: coordinator_pb2.SealSaveRequest) -> None:
+        key = _key(req.id)
+        with self._cond:
+            pending = self._pending.get(key)
+            if pending is None or pending.info is not None:
+                raise NotFoundError(f"{key[0]}/{key[1]} step {key[2]}: no save in progress to seal")
+            if pending.error is not None:
+                raise pending.error
+            if not pending.needs_seal or req.world_size != pending.world_size:
+                raise IncompatibleStateError(f"{pending.label}: this save was not opened for a seal of world size {req.world_size}")
+            pending.seal = req
+            ready = pending.ready()
             if ready:
                 pending.committing = True
         if ready:
@@ -243,8 +270,11 @@ class CommitCoordinator:
             save_id=pending.save_id, committed_at=now_rfc3339(), config=first.config,
         )
         manifest.keys.update(first.keys)
-        manifest.keys["step"] = json.dumps(step)
         manifest.extra.update(first.extra)
+        if pending.seal is not None:
+            manifest.keys.update(pending.seal.keys)
+            manifest.extra.update(pending.seal.extra)
+        manifest.keys["step"] = json.dumps(step)
         seen: dict[tuple, int] = {}
         for rank in range(pending.world_size):
             for shard in pending.reports[rank].shards:

@@ -34,6 +34,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return common_pb2.Empty()
 
     @handler
+    def Seal(self, request: coordinator_pb2.SealSaveRequest, context: grpc.ServicerContext) -> common_pb2.Empty:
+        self.commits.seal(request)
+        return common_pb2.Empty()
+
+    @handler
     def WaitCommit(self, request: coordinator_pb2.WaitCommitRequest, context: grpc.ServicerContext) -> common_pb2.CheckpointInfo:
         return self.commits.wait(request)
 

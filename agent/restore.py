@@ -15,9 +15,10 @@ from typing import Iterator
 from layervault.agent.checksum import crc32c
 from layervault.agent.codecs import CodecChain, CodecError
 from layervault.agent.manifest import Manifest
+from layervault.agent.restore_cache import ChunkCache
 from layervault.agent.storage import ObjectNotFound, ObjectStore
-from layervault.errors import ChecksumError, NotFoundError
-from layervault.proto import manifest_pb2
+from layervault.errors import ChecksumError, InvalidArgumentError, NotFoundError
+from layervault.proto import agent_pb2, manifest_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +28,36 @@ class DecodedChunk:
     data: bytes | memoryview
 
 
-def select_shards(manifest: Manifest, names: list[str]) -> list[int]:
-    """Indices of the shards holding ``names`` (all when empty); NOT_FOUND lists unknown names."""
+@dataclasses.dataclass(frozen=True)
+class ShardSpan:
+    """Raw bytes ``[start, stop)`` of shard ``shard`` that a reader needs."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def select_spans(manifest: Manifest, names: list[str], ranges: list[agent_pb2.ShardRange]) -> list[ShardSpan]:
+    """What a restore reads: whole shards of ``names`` (all when both are empty), or ``ranges``."""
+    if ranges:
+        spans = []
+        for r in ranges:
+            if not 0 <= r.shard < len(manifest.shards):
+                raise InvalidArgumentError(f"shard #{r.shard} does not exist ({len(manifest.shards)} shards)")
+            size = manifest.shards[r.shard].raw_bytes
+            if not 0 <= r.start <= r.stop <= size:
+                raise InvalidArgumentError(f"range [{r.start}, {r.stop}) is outside shard #{r.shard} of {size} bytes")
+            spans.append(ShardSpan(r.shard, r.start, r.stop))
+        return spans
     if not names:
-        return list(range(len(manifest.shards)))
+        return [ShardSpan(i, 0, s.raw_bytes) for i, s in enumerate(manifest.shards)]
     wanted = set(names)
     found = [i for i, s in enumerate(manifest.shards) if s.name in wanted]
     missing = wanted - {manifest.shards[i].name for i in found}
     if missing:
         shown = ", ".join(repr(n) for n in sorted(missing)[:5])
         raise NotFoundError(f"{manifest.job}/{manifest.kind} step {manifest.step} has no layer {shown}")
-    return found
+    return [ShardSpan(i, 0, manifest.shards[i].raw_bytes) for i in found]
 
 
 def fetch_chunk(store: ObjectStore, manifest: Manifest, shard: manifest_pb2.ShardRecord, chunk: manifest_pb2.ChunkRef) -> bytes | memoryview:
@@ -57,16 +77,29 @@ def fetch_chunk(store: ObjectStore, manifest: Manifest, shard: manifest_pb2.Shar
     return data
 
 
-def fetch_shards(store: ObjectStore, manifest: Manifest, shards: list[int], executor: Executor,
-                 window: int = 16) -> Iterator[DecodedChunk]:
-    """Decoded chunks of ``shards``, at most ``window`` fetches in flight; order not guaranteed."""
-    work = [(i, manifest.shards[i], c) for i in shards for c in manifest.shards[i].chunks]
+def fetch_spans(store: ObjectStore, manifest: Manifest, spans: list[ShardSpan], executor: Executor,
+                cache: ChunkCache | None = None, window: int = 16) -> Iterator[DecodedChunk]:
+    """Decoded chunks overlapping ``spans`` (each chunk once), at most ``window`` fetches in flight."""
+    work, seen = [], set()
+    for span in spans:
+        shard = manifest.shards[span.shard]
+        for chunk in shard.chunks:
+            overlaps = chunk.raw_offset < span.stop and span.start < chunk.raw_offset + chunk.raw_size
+            if overlaps and (span.shard, chunk.key) not in seen:
+                seen.add((span.shard, chunk.key))
+                work.append((span.shard, shard, chunk))
+
+    def fetch(shard: manifest_pb2.ShardRecord, chunk: manifest_pb2.ChunkRef) -> bytes | memoryview:
+        if cache is None:
+            return fetch_chunk(store, manifest, shard, chunk)
+        return cache.get(chunk.key, lambda: fetch_chunk(store, manifest, shard, chunk))
+
     in_flight: list[tuple[int, int, Future]] = []
     position = 0
     while position < len(work) or in_flight:
         while position < len(work) and len(in_flight) < window:
             index, shard, chunk = work[position]
-            in_flight.append((index, chunk.raw_offset, executor.submit(fetch_chunk, store, manifest, shard, chunk)))
+            in_flight.append((index, chunk.raw_offset, executor.submit(fetch, shard, chunk)))
             position += 1
         index, offset, future = in_flight.pop(0)
         try:

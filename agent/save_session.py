@@ -59,10 +59,11 @@ def validate_open(open_msg: agent_pb2.SaveOpen) -> None:
     seen = set()
     for spec in open_msg.entries:
         keys.layer_segment(spec.name)
-        if spec.name in seen:
-            raise InvalidArgumentError(f"{label}: duplicate entry {spec.name!r}")
-        seen.add(spec.name)
         layout = spec.layout
+        where = (spec.name, tuple(layout.offsets))
+        if where in seen:
+            raise InvalidArgumentError(f"{label}: duplicate entry {spec.name!r} at offsets {list(layout.offsets)}")
+        seen.add(where)
         shape = list(layout.local_shape)
         if any(d < 0 for d in shape) or any(d < 0 for d in layout.global_shape):
             raise InvalidArgumentError(f"{label}: entry {spec.name!r} has a negative dimension")

@@ -87,9 +87,11 @@ def start_agent(
     chunk_size: int = 4 << 20,
     upload_workers: int = 8,
     staging_timeout: float = 600.0,
+    cache_bytes: int = 256 << 20,
 ) -> RunningServer:
     server, health_servicer = _new_server(128)
-    service = AgentService(store, coordinator, staging_bytes, chunk_size, upload_workers, staging_timeout)
+    service = AgentService(store, coordinator, staging_bytes, chunk_size, upload_workers, staging_timeout,
+                           cache_bytes=cache_bytes)
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     tcp = _bind_tcp(server, host, port)
     address = tcp

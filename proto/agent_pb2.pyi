@@ -114,11 +114,14 @@ class SaveOpen(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     OVERWRITE_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    NEEDS_SEAL_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     world_size: _builtins.int
     overwrite: _builtins.bool
     shared_memory: _builtins.bool
     """false: bytes come as Data messages"""
+    needs_seal: _builtins.bool
+    """commit only after a Seal (torch.distributed.checkpoint's finish)"""
     @_builtins.property
     def id(self) -> _common_pb2.CheckpointId: ...
     @_builtins.property
@@ -143,10 +146,11 @@ class SaveOpen(_message.Message):
         entries: _abc.Iterable[Global___EntrySpec] | None = ...,
         overwrite: _builtins.bool = ...,
         shared_memory: _builtins.bool = ...,
+        needs_seal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "entries", b"entries", "extra", b"extra", "id", b"id", "keys", b"keys", "overwrite", b"overwrite", "rank", b"rank", "shared_memory", b"shared_memory", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "entries", b"entries", "extra", b"extra", "id", b"id", "keys", b"keys", "needs_seal", b"needs_seal", "overwrite", b"overwrite", "rank", b"rank", "shared_memory", b"shared_memory", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -391,6 +395,81 @@ class WaitSaveRequest(_message.Message):
 Global___WaitSaveRequest: _TypeAlias = WaitSaveRequest  # noqa: Y015
 
 @_typing.final
+class SealRequest(_message.Message):
+    """The last word on a save whose metadata is known only after every rank wrote: DCP's
+    coordinator rank sends it from finish(); the checkpoint commits once it and all ranks' shards are in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class KeysEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ExtraEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    EXTRA_FIELD_NUMBER: _builtins.int
+    world_size: _builtins.int
+    @_builtins.property
+    def id(self) -> _common_pb2.CheckpointId: ...
+    @_builtins.property
+    def keys(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def extra(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _common_pb2.CheckpointId | None = ...,
+        world_size: _builtins.int = ...,
+        keys: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        extra: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra", b"extra", "id", b"id", "keys", b"keys", "world_size", b"world_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealRequest: _TypeAlias = SealRequest  # noqa: Y015
+
+@_typing.final
 class WaitSaveReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -411,18 +490,51 @@ class WaitSaveReply(_message.Message):
 Global___WaitSaveReply: _TypeAlias = WaitSaveReply  # noqa: Y015
 
 @_typing.final
+class ShardRange(_message.Message):
+    """Part of one shard: only the chunks overlapping [start, stop) of its raw bytes are read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    shard: _builtins.int
+    """index into the manifest's shards"""
+    start: _builtins.int
+    stop: _builtins.int
+    def __init__(
+        self,
+        *,
+        shard: _builtins.int = ...,
+        start: _builtins.int = ...,
+        stop: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shard", b"shard", "start", b"start", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardRange: _TypeAlias = ShardRange  # noqa: Y015
+
+@_typing.final
 class RestoreOpen(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     NAMES_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    RANGES_FIELD_NUMBER: _builtins.int
     shared_memory: _builtins.bool
     @_builtins.property
     def id(self) -> _common_pb2.CheckpointId: ...
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """entries to read; empty = all"""
+        """entries to read; empty (and no ranges) = all"""
+
+    @_builtins.property
+    def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardRange]:
+        """instead of names: byte ranges of single shards"""
 
     def __init__(
         self,
@@ -430,10 +542,11 @@ class RestoreOpen(_message.Message):
         id: _common_pb2.CheckpointId | None = ...,
         names: _abc.Iterable[_builtins.str] | None = ...,
         shared_memory: _builtins.bool = ...,
+        ranges: _abc.Iterable[Global___ShardRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "names", b"names", "shared_memory", b"shared_memory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "names", b"names", "ranges", b"ranges", "shared_memory", b"shared_memory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,6 +46,11 @@ class AgentStub:
                 request_serializer=agent__pb2.WaitSaveRequest.SerializeToString,
                 response_deserializer=agent__pb2.WaitSaveReply.FromString,
                 _registered_method=True)
+        self.Seal = channel.unary_unary(
+                '/layervault.v1.Agent/Seal',
+                request_serializer=agent__pb2.SealRequest.SerializeToString,
+                response_deserializer=common__pb2.Empty.FromString,
+                _registered_method=True)
         self.Resolve = channel.unary_unary(
                 '/layervault.v1.Agent/Resolve',
                 request_serializer=common__pb2.ResolveRequest.SerializeToString,
@@ -78,6 +83,12 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WaitSave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Seal(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +130,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.WaitSave,
                     request_deserializer=agent__pb2.WaitSaveRequest.FromString,
                     response_serializer=agent__pb2.WaitSaveReply.SerializeToString,
+            ),
+            'Seal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Seal,
+                    request_deserializer=agent__pb2.SealRequest.FromString,
+                    response_serializer=common__pb2.Empty.SerializeToString,
             ),
             'Resolve': grpc.unary_unary_rpc_method_handler(
                     servicer.Resolve,
@@ -195,6 +211,33 @@ class Agent:
             '/layervault.v1.Agent/WaitSave',
             agent__pb2.WaitSaveRequest.SerializeToString,
             agent__pb2.WaitSaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Seal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layervault.v1.Agent/Seal',
+            agent__pb2.SealRequest.SerializeToString,
+            common__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,7 @@ from layervault.proto import common_pb2 as common__pb2
 from layervault.proto import manifest_pb2 as manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63oordinator.proto\x12\rlayervault.v1\x1a\x0c\x63ommon.proto\x1a\x0emanifest.proto\"\x82\x01\n\x10\x42\x65ginSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"!\n\x0e\x42\x65ginSaveReply\x12\x0f\n\x07save_id\x18\x01 \x01(\t\"\xab\x03\n\x13ReportShardsRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12%\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x15.layervault.v1.Config\x12:\n\x04keys\x18\x07 \x03(\x0b\x32,.layervault.v1.ReportShardsRequest.KeysEntry\x12<\n\x05\x65xtra\x18\x08 \x03(\x0b\x32-.layervault.v1.ReportShardsRequest.ExtraEntry\x12*\n\x06shards\x18\t \x03(\x0b\x32\x1a.layervault.v1.ShardRecord\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x10\x41\x62ortSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"`\n\x11WaitCommitRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x32\xbe\x03\n\x0b\x43oordinator\x12K\n\tBeginSave\x12\x1f.layervault.v1.BeginSaveRequest\x1a\x1d.layervault.v1.BeginSaveReply\x12H\n\x0cReportShards\x12\".layervault.v1.ReportShardsRequest\x1a\x14.layervault.v1.Empty\x12\x42\n\tAbortSave\x12\x1f.layervault.v1.AbortSaveRequest\x1a\x14.layervault.v1.Empty\x12M\n\nWaitCommit\x12 .layervault.v1.WaitCommitRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12G\n\x07Resolve\x12\x1d.layervault.v1.ResolveRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12<\n\x04List\x12\x1a.layervault.v1.ListRequest\x1a\x18.layervault.v1.ListReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63oordinator.proto\x12\rlayervault.v1\x1a\x0c\x63ommon.proto\x1a\x0emanifest.proto\"\x96\x01\n\x10\x42\x65ginSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x12\x12\n\nneeds_seal\x18\x06 \x01(\x08\"!\n\x0e\x42\x65ginSaveReply\x12\x0f\n\x07save_id\x18\x01 \x01(\t\"\xab\x03\n\x13ReportShardsRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12%\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x15.layervault.v1.Config\x12:\n\x04keys\x18\x07 \x03(\x0b\x32,.layervault.v1.ReportShardsRequest.KeysEntry\x12<\n\x05\x65xtra\x18\x08 \x03(\x0b\x32-.layervault.v1.ReportShardsRequest.ExtraEntry\x12*\n\x06shards\x18\t \x03(\x0b\x32\x1a.layervault.v1.ShardRecord\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x02\n\x0fSealSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x36\n\x04keys\x18\x03 \x03(\x0b\x32(.layervault.v1.SealSaveRequest.KeysEntry\x12\x38\n\x05\x65xtra\x18\x04 \x03(\x0b\x32).layervault.v1.SealSaveRequest.ExtraEntry\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x10\x41\x62ortSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"`\n\x11WaitCommitRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x32\xfc\x03\n\x0b\x43oordinator\x12K\n\tBeginSave\x12\x1f.layervault.v1.BeginSaveRequest\x1a\x1d.layervault.v1.BeginSaveReply\x12H\n\x0cReportShards\x12\".layervault.v1.ReportShardsRequest\x1a\x14.layervault.v1.Empty\x12\x42\n\tAbortSave\x12\x1f.layervault.v1.AbortSaveRequest\x1a\x14.layervault.v1.Empty\x12<\n\x04Seal\x12\x1e.layervault.v1.SealSaveRequest\x1a\x14.layervault.v1.Empty\x12M\n\nWaitCommit\x12 .layervault.v1.WaitCommitRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12G\n\x07Resolve\x12\x1d.layervault.v1.ResolveRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12<\n\x04List\x12\x1a.layervault.v1.ListRequest\x1a\x18.layervault.v1.ListReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,20 +37,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_options = b'8\001'
   _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._loaded_options = None
   _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_options = b'8\001'
+  _globals['_SEALSAVEREQUEST_KEYSENTRY']._loaded_options = None
+  _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_options = b'8\001'
+  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._loaded_options = None
+  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_options = b'8\001'
   _globals['_BEGINSAVEREQUEST']._serialized_start=67
-  _globals['_BEGINSAVEREQUEST']._serialized_end=197
-  _globals['_BEGINSAVEREPLY']._serialized_start=199
-  _globals['_BEGINSAVEREPLY']._serialized_end=232
-  _globals['_REPORTSHARDSREQUEST']._serialized_start=235
-  _globals['_REPORTSHARDSREQUEST']._serialized_end=662
-  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_start=573
-  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_end=616
-  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_start=618
-  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_end=662
-  _globals['_ABORTSAVEREQUEST']._serialized_start=664
-  _globals['_ABORTSAVEREQUEST']._serialized_end=788
-  _globals['_WAITCOMMITREQUEST']._serialized_start=790
-  _globals['_WAITCOMMITREQUEST']._serialized_end=886
-  _globals['_COORDINATOR']._serialized_start=889
-  _globals['_COORDINATOR']._serialized_end=1335
+  _globals['_BEGINSAVEREQUEST']._serialized_end=217
+  _globals['_BEGINSAVEREPLY']._serialized_start=219
+  _globals['_BEGINSAVEREPLY']._serialized_end=252
+  _globals['_REPORTSHARDSREQUEST']._serialized_start=255
+  _globals['_REPORTSHARDSREQUEST']._serialized_end=682
+  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_start=593
+  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_end=636
+  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_start=638
+  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_end=682
+  _globals['_SEALSAVEREQUEST']._serialized_start=685
+  _globals['_SEALSAVEREQUEST']._serialized_end=968
+  _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_start=593
+  _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_end=636
+  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_start=638
+  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_end=682
+  _globals['_ABORTSAVEREQUEST']._serialized_start=970
+  _globals['_ABORTSAVEREQUEST']._serialized_end=1094
+  _globals['_WAITCOMMITREQUEST']._serialized_start=1096
+  _globals['_WAITCOMMITREQUEST']._serialized_end=1192
+  _globals['_COORDINATOR']._serialized_start=1195
+  _globals['_COORDINATOR']._serialized_end=1703
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,8 @@ Commit protocol, per checkpoint (job, kind, step) with world size W:
   3. When all W ranks have reported, the coordinator writes manifest.json (create-only,
      last), then moves the `latest` pointer. That write is the commit.
   4. An agent whose rank failed calls AbortSave: the attempt fails and is never committed.
+  A save opened with needs_seal (torch.distributed.checkpoint) also waits for Seal, which
+  carries metadata only known after all ranks wrote; it commits once both are in.
 Pending attempts live only in memory: a restarted coordinator rebuilds the catalog from
 storage, and attempts it lost simply fail to commit (their waiters time out with a
 message naming the ranks that did not report).
@@ -42,10 +44,12 @@ class BeginSaveRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     OVERWRITE_FIELD_NUMBER: _builtins.int
+    NEEDS_SEAL_FIELD_NUMBER: _builtins.int
     world_size: _builtins.int
     rank: _builtins.int
     agent_id: _builtins.str
     overwrite: _builtins.bool
+    needs_seal: _builtins.bool
     @_builtins.property
     def id(self) -> _common_pb2.CheckpointId: ...
     def __init__(
@@ -56,10 +60,11 @@ class BeginSaveRequest(_message.Message):
         rank: _builtins.int = ...,
         agent_id: _builtins.str = ...,
         overwrite: _builtins.bool = ...,
+        needs_seal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "id", b"id", "overwrite", b"overwrite", "rank", b"rank", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "id", b"id", "needs_seal", b"needs_seal", "overwrite", b"overwrite", "rank", b"rank", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -171,6 +176,77 @@ class ReportShardsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportShardsRequest: _TypeAlias = ReportShardsRequest  # noqa: Y015
+
+@_typing.final
+class SealSaveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class KeysEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ExtraEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    WORLD_SIZE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    EXTRA_FIELD_NUMBER: _builtins.int
+    world_size: _builtins.int
+    @_builtins.property
+    def id(self) -> _common_pb2.CheckpointId: ...
+    @_builtins.property
+    def keys(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def extra(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _common_pb2.CheckpointId | None = ...,
+        world_size: _builtins.int = ...,
+        keys: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        extra: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra", b"extra", "id", b"id", "keys", b"keys", "world_size", b"world_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealSaveRequest: _TypeAlias = SealSaveRequest  # noqa: Y015
 
 @_typing.final
 class AbortSaveRequest(_message.Message):

@@ -50,6 +50,11 @@ class CoordinatorStub:
                 request_serializer=coordinator__pb2.AbortSaveRequest.SerializeToString,
                 response_deserializer=common__pb2.Empty.FromString,
                 _registered_method=True)
+        self.Seal = channel.unary_unary(
+                '/layervault.v1.Coordinator/Seal',
+                request_serializer=coordinator__pb2.SealSaveRequest.SerializeToString,
+                response_deserializer=common__pb2.Empty.FromString,
+                _registered_method=True)
         self.WaitCommit = channel.unary_unary(
                 '/layervault.v1.Coordinator/WaitCommit',
                 request_serializer=coordinator__pb2.WaitCommitRequest.SerializeToString,
@@ -83,6 +88,12 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AbortSave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Seal(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +133,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'AbortSave': grpc.unary_unary_rpc_method_handler(
                     servicer.AbortSave,
                     request_deserializer=coordinator__pb2.AbortSaveRequest.FromString,
+                    response_serializer=common__pb2.Empty.SerializeToString,
+            ),
+            'Seal': grpc.unary_unary_rpc_method_handler(
+                    servicer.Seal,
+                    request_deserializer=coordinator__pb2.SealSaveRequest.FromString,
                     response_serializer=common__pb2.Empty.SerializeToString,
             ),
             'WaitCommit': grpc.unary_unary_rpc_method_handler(
@@ -220,6 +236,33 @@ class Coordinator:
             target,
             '/layervault.v1.Coordinator/AbortSave',
             coordinator__pb2.AbortSaveRequest.SerializeToString,
+            common__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Seal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layervault.v1.Coordinator/Seal',
+            coordinator__pb2.SealSaveRequest.SerializeToString,
             common__pb2.Empty.FromString,
             options,
             channel_credentials,

@@ -60,7 +60,7 @@ def _serve_until_signal(servers: list) -> None:
 
 def _agent_kwargs(args: argparse.Namespace) -> dict:
     return dict(socket_path=args.socket, host=args.host, port=args.port, staging_bytes=args.staging_mib << 20,
-                chunk_size=args.chunk_mib << 20, upload_workers=args.upload_workers)
+                chunk_size=args.chunk_mib << 20, upload_workers=args.upload_workers, cache_bytes=args.cache_mib << 20)
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--staging-mib", type=int, default=1024, help="staging budget (shared memory) in MiB")
         p.add_argument("--chunk-mib", type=int, default=4, help="chunk (object) size in MiB")
         p.add_argument("--upload-workers", type=int, default=8)
+        p.add_argument("--cache-mib", type=int, default=256, help="node-local cache of restored chunks in MiB")
         p.set_defaults(func=func)
 
     for name, func in (("ls", cmd_ls), ("show", cmd_show)):

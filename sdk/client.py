@@ -181,13 +181,17 @@ class AgentClient:
         extra: Mapping[str, str],
         entries: Sequence[SaveEntry],
         overwrite: bool = False,
+        needs_seal: bool = False,
     ) -> SaveHandle:
-        """Hand the entries' bytes to the agent; returns when the agent holds all of them."""
+        """Hand the entries' bytes to the agent; returns when the agent holds all of them.
+
+        ``needs_seal``: the checkpoint commits only after :meth:`seal` (DCP's finish).
+        """
         requests = _Requests()
         open_msg = agent_pb2.SaveOpen(
             id=ref.proto(), rank=rank, world_size=world_size, config=config, keys=dict(keys), extra=dict(extra),
             entries=[agent_pb2.EntrySpec(name=e.name, layout=e.layout, nbytes=e.source.nbytes) for e in entries],
-            overwrite=overwrite, shared_memory=self.shared_memory)
+            overwrite=overwrite, shared_memory=self.shared_memory, needs_seal=needs_seal)
         requests.send(agent_pb2.SaveRequest(open=open_msg))
         replies = self._stub.Save(iter(requests))
         try:
@@ -239,6 +243,10 @@ class AgentClient:
                 data = entry.source.read(offset, min(piece, entry.source.nbytes - offset))
                 requests.send(agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=index, entry_offset=offset, data=data)))
 
+    def seal(self, ref: CheckpointRef, world_size: int, keys: Mapping[str, str], extra: Mapping[str, str]) -> None:
+        """Complete a ``needs_seal`` save with metadata known only after every rank wrote."""
+        self._call("Seal", agent_pb2.SealRequest(id=ref.proto(), world_size=world_size, keys=dict(keys), extra=dict(extra)))
+
     def wait_save(self, ref: CheckpointRef, rank: int, timeout: float | None = None) -> common_pb2.CheckpointInfo:
         request = agent_pb2.WaitSaveRequest(id=ref.proto(), rank=rank, timeout_s=timeout or 0)
         reply = self._call("WaitSave", request, timeout=None if timeout is None else timeout + 10)
@@ -256,12 +264,17 @@ class AgentClient:
     def stats(self) -> agent_pb2.AgentStats:
         return self._call("Stats", common_pb2.Empty())
 
-    def restore(self, manifest: manifest_pb2.Manifest, names: Sequence[str], sinks: Mapping[int, ByteSink]) -> None:
-        """Fetch the shards of ``names`` and write each into ``sinks[shard index]``."""
+    def restore(self, manifest: manifest_pb2.Manifest, names: Sequence[str], sinks: Mapping[int, ByteSink],
+                ranges: Sequence[tuple[int, int, int]] = ()) -> None:
+        """Fetch the shards of ``names`` (or the byte ``ranges`` (shard, start, stop)) into ``sinks[shard index]``.
+
+        With ranges, whole chunks overlapping them arrive; sinks must clip what they keep.
+        """
         requests = _Requests()
         requests.send(agent_pb2.RestoreRequest(open=agent_pb2.RestoreOpen(
             id=common_pb2.CheckpointId(job=manifest.job, kind=manifest.kind, step=manifest.step),
-            names=list(names), shared_memory=self.shared_memory)))
+            names=list(names), shared_memory=self.shared_memory,
+            ranges=[agent_pb2.ShardRange(shard=s, start=a, stop=b) for s, a, b in ranges])))
         replies = self._stub.Restore(iter(requests))
         try:
             opened = next(replies).opened

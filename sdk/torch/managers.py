@@ -13,6 +13,7 @@ import json
 from typing import Any, Mapping
 
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from layervault.agent.manifest import encode_keys
 from layervault.checkpoint import Checkpoint
@@ -69,21 +70,31 @@ class _Manager:
         return self.client.resolve(self.config.job, self.kind, selector)
 
     def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, torch.Tensor]:
+        """Whole tensors for ``names``; sharded entries (saved through DCP) are reassembled."""
         wanted = set(names)
-        sinks: dict[int, TensorSink] = {}
-        for index, shard in enumerate(manifest.shards):
-            if shard.name in wanted:
-                if list(shard.layout.local_shape) != list(shard.layout.global_shape):
-                    raise IncompatibleStateError(
-                        f"layer {shard.name!r} is sharded in this checkpoint; load it with torch.distributed.checkpoint")
-                sinks[index] = TensorSink(shard.layout)
+        sinks = {i: TensorSink(s.layout) for i, s in enumerate(manifest.shards) if s.name in wanted}
         self.client.restore(manifest, names, sinks)
-        out = {}
+        by_name: dict[str, list[int]] = {}
         for index, sink in sinks.items():
             shard = manifest.shards[index]
             if sink.received != shard.raw_bytes:
                 raise IncompatibleStateError(f"layer {shard.name!r}: received {sink.received} of {shard.raw_bytes} bytes")
-            out[shard.name] = sink.tensor
+            by_name.setdefault(shard.name, []).append(index)
+        out = {}
+        for name, indices in by_name.items():
+            first = manifest.shards[indices[0]].layout
+            if len(indices) == 1 and list(first.local_shape) == list(first.global_shape):
+                out[name] = sinks[indices[0]].tensor
+                continue
+            whole = torch.empty(tuple(first.global_shape), dtype=sinks[indices[0]].tensor.dtype)
+            covered = 0
+            for index in indices:
+                layout = manifest.shards[index].layout
+                narrow_tensor_by_index(whole, list(layout.offsets), list(layout.local_shape)).copy_(sinks[index].tensor)
+                covered += sinks[index].tensor.numel()
+            if covered != whole.numel():
+                raise IncompatibleStateError(f"layer {name!r}: its shards cover {covered} of {whole.numel()} elements")
+            out[name] = whole
         return out
 
     def checkpoints(self) -> list[Checkpoint]:
