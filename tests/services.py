@@ -76,3 +76,27 @@ class ServiceProcess:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@dataclasses.dataclass
+class InProcessCluster:
+    """One coordinator and several agents ("nodes") in this process, sharing one store URL."""
+
+    coordinator: RunningServer
+    agents: list[RunningServer]
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            agent.stop(grace=0)
+        self.coordinator.stop(grace=0)
+
+
+def start_cluster_in_process(store_url: str, agents: int = 2, chunk_size: int = 64 << 10,
+                             staging_bytes: int = 64 << 20, cache_bytes: int = 64 << 20) -> InProcessCluster:
+    coordinator = start_coordinator(open_store(store_url), commit_timeout=120)
+    started = []
+    for n in range(agents):
+        socket_dir = tempfile.mkdtemp(prefix=f"lv{n}-", dir="/tmp")
+        started.append(start_agent(open_store(store_url), coordinator.address, socket_path=f"{socket_dir}/agent.sock",
+                                   staging_bytes=staging_bytes, chunk_size=chunk_size, cache_bytes=cache_bytes))
+    return InProcessCluster(coordinator, started)
