@@ -153,6 +153,7 @@ def test_fsdp2_state_reshards_and_each_rank_reads_only_its_part(s3_cluster, tmp_
         assert report["mismatched"] == [] and report["compared"] > 10
         assert report["progress"] == {"step": 2, "tag": "fsdp2", "history": [0.5, 0.25]}
     stored = _stored_bytes(s3_cluster, job)
+    print(f"{job}: stored {stored} bytes; fetched per agent {fetched}; received per rank {[r['bytes_received'] for r in reports]}")
     if loaded_on == 1:
         assert fetched[0] >= stored * 0.95  # one rank needs (nearly) everything
     else:
