@@ -72,6 +72,7 @@ class Up:
 
     def __init__(self, storage: str, staging_mib: int, workdir: pathlib.Path) -> None:
         ready = workdir / f"up-{staging_mib}.json"
+        ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "layervault.cli", "--log-level", "WARNING", "up", "--storage", storage,
              "--socket", str(workdir / f"agent-{staging_mib}.sock"), "--staging-mib", str(staging_mib),
@@ -144,6 +145,68 @@ def bench_torch_save_boto3(bucket: str, runs: int, model, opt) -> dict:
     return {"blocked": total, "durable": total, "restore": restore}
 
 
+def bench_dcp(storage: str, bucket: str, runs: int, model, opt, workdir: pathlib.Path) -> dict:
+    """DCP save/load: layervault's writer/reader vs FileSystemWriter (+ upload of its folder)."""
+    import concurrent.futures
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    import layervault as lv
+    from layervault.torch.dcp import AgentStorageReader, AgentStorageWriter
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    from boto3.s3.transfer import TransferConfig
+
+    s3 = s3_client(os.environ["AWS_ENDPOINT_URL"], max_pool_connections=16)
+    config = TransferConfig(multipart_chunksize=16 << 20, max_concurrency=8)
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
+    out: dict[str, list[float]] = {k: [] for k in ("lv_sync", "lv_async_blocked", "lv_async_durable", "fs_local",
+                                                  "fs_upload", "lv_load", "fs_load_local", "fs_load_s3")}
+
+    def upload_folder(folder: pathlib.Path, prefix: str) -> None:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(folder)}", Config=config), files))
+
+    def download_folder(prefix: str, folder: pathlib.Path) -> None:
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for o in page.get("Contents", [])]
+        folder.mkdir(parents=True, exist_ok=True)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda k: s3.download_file(bucket, k, str(folder / k[len(prefix) + 1:]), Config=config), keys))
+
+    up = Up(storage, 2048, workdir)
+    try:
+        client = lv.AgentClient(up.info["agent"])
+        client.prepare()
+        for run in range(runs):
+            out["lv_sync"].append(timed(lambda: dcp.save(state, storage_writer=AgentStorageWriter(
+                job="bench-dcp", step=run, agent=client))))
+            start = time.perf_counter()
+            future = dcp.async_save(state, storage_writer=AgentStorageWriter(job="bench-dcp-async", step=run, agent=client))
+            out["lv_async_blocked"].append(time.perf_counter() - start)
+            future.result()
+            out["lv_async_durable"].append(time.perf_counter() - start)
+            folder = workdir / f"dcp-fs-{run}"
+            out["fs_local"].append(timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder)))))
+            out["fs_upload"].append(out["fs_local"][-1] + timed(lambda: upload_folder(folder, f"dcp-fs/{run}")))
+        for run in range(runs):
+            target = {"model": make_state(len(model))[0].state_dict(), "optim": make_state(len(model))[1].state_dict()}
+            out["lv_load"].append(timed(lambda: dcp.load(target, storage_reader=AgentStorageReader(
+                job="bench-dcp", step=run, agent=client))))
+            out["fs_load_local"].append(timed(lambda: dcp.load(target, storage_reader=dcp.FileSystemReader(
+                str(workdir / f"dcp-fs-{run}")))))
+            fetched = workdir / f"dcp-fs-fetched-{run}"
+            out["fs_load_s3"].append(timed(lambda: (download_folder(f"dcp-fs/{run}", fetched), dcp.load(
+                target, storage_reader=dcp.FileSystemReader(str(fetched))))))
+            shutil.rmtree(fetched, ignore_errors=True)
+    finally:
+        up.stop()
+    return out
+
+
 def floors(bucket: str, runs: int, model, opt) -> dict:
     from boto3.s3.transfer import TransferConfig
 
@@ -185,6 +248,8 @@ def main() -> int:
         print("layervault (2 GiB staging) done", flush=True)
         lv_small = bench_layervault(f"s3://{bucket}/lv", 256, args.runs, model, opt, workdir)
         print("layervault (256 MiB staging) done", flush=True)
+        dcp_results = bench_dcp(f"s3://{bucket}/lv", bucket, args.runs, model, opt, workdir)
+        print("torch.distributed.checkpoint done", flush=True)
 
     med = statistics.median
     lines = [
@@ -223,6 +288,22 @@ def main() -> int:
         f"- agent peak RSS with 256 MiB staging: {lv_small['peak_rss'] / 2**20:.0f} MiB "
         f"(pool {lv_small['pool'] / 2**20:.0f} MiB, counted in RSS as it is pre-faulted shared memory); "
         f"with 2 GiB staging: {lv_big['peak_rss'] / 2**20:.0f} MiB",
+    ]
+    d = dcp_results
+    lines += [
+        "",
+        "## torch.distributed.checkpoint (one process, same state as {\"model\", \"optim\"})",
+        "",
+        "| system | blocked | time to durable in S3 | full load |",
+        "|---|---|---|---|",
+        f"| dcp.save + AgentStorageWriter | {stats(d['lv_sync'])} | {stats(d['lv_sync'])} | {stats(d['lv_load'])} (AgentStorageReader) |",
+        f"| dcp.async_save + AgentStorageWriter | {stats(d['lv_async_blocked'])} | {stats(d['lv_async_durable'])} | - |",
+        f"| dcp.save + FileSystemWriter, local disk | {stats(d['fs_local'])} | (not in S3) | {stats(d['fs_load_local'])} (FileSystemReader, local) |",
+        f"| FileSystemWriter + upload of its folder | {stats(d['fs_local'])} | {stats(d['fs_upload'])} | {stats(d['fs_load_s3'])} (download + FileSystemReader) |",
+        "",
+        f"- time to durable, AgentStorageWriter / (FileSystemWriter + upload): {med(d['lv_sync']) / med(d['fs_upload']):.2f}",
+        f"- full load, AgentStorageReader / (download + FileSystemReader): {med(d['lv_load']) / med(d['fs_load_s3']):.2f}",
+        "- resharded loads (N ranks -> M ranks) are measured for bytes, not time, in tests/test_dcp.py",
     ]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
