@@ -320,7 +320,8 @@ class AgentStorageReader(StorageReader):
                 ranges.append((index, 0, manifest.shards[index].raw_bytes))
             else:
                 ranges.append((index, *_byte_span(layout, list(item.storage_offsets), list(item.lengths))))
-        self.client.restore(manifest, [], sinks, ranges=ranges)
+        if ranges:  # (an empty request would mean "everything")
+            self.client.restore(manifest, [], sinks, ranges=ranges)
         self.bytes_received += sum(sink.received for sink in sinks.values())
         for item in plan.items:
             shard_tensor = sinks[located.shards[item.storage_index]].tensor
