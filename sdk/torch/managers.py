@@ -22,7 +22,7 @@ from layervault.config import ModelConfig, OptimizerConfig
 from layervault.errors import IncompatibleStateError, InvalidArgumentError, NotFoundError
 from layervault.proto import manifest_pb2
 from layervault.torch.dtypes import dtype_name
-from layervault.torch.placement import assign_owners
+from layervault.placement import assign_owners
 from layervault.torch.tensors import TensorSink, TensorSource, whole_layout
 
 StateDict = Mapping[str, torch.Tensor]
