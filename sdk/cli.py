@@ -5,9 +5,10 @@
     layervault up [--storage URL]                 coordinator + agent in one process (one machine)
     layervault ls [JOB] [--kind K]                committed checkpoints
     layervault show JOB STEP [--kind model|optimizer]
+    layervault pull JOB STEP [--kind K] [--layer NAME] -o PATH    layers as numpy .npy files
 
-``ls`` and ``show`` ask the agent (``--agent``/``LAYERVAULT_AGENT``), or read storage
-directly with ``--storage URL`` - no service needed.
+``ls``, ``show`` and ``pull`` ask the agent (``--agent``/``LAYERVAULT_AGENT``), or read
+storage directly with ``--storage URL`` - no service needed.
 """
 
 from __future__ import annotations
@@ -165,6 +166,113 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+_PULL_BATCH_BYTES = 256 << 20  # layers fetched per round trip, so a large checkpoint never sits in memory whole
+
+
+class _Puller:
+    """Fetches whole layers of one checkpoint as numpy arrays, through the agent or from storage."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        selector = {} if args.step == "latest" else {"step": str(args.step)}
+        self.store = self.client = None
+        if args.storage:
+            from layervault.agent.catalog import Catalog
+            from layervault.agent.storage import open_store
+
+            self.store = open_store(args.storage)
+            _, self.manifest = Catalog(self.store).resolve(args.job, args.kind, selector)
+        else:
+            from layervault.client import AgentClient
+
+            self.client = AgentClient(args.agent)
+            self.manifest = self.client.resolve(args.job, args.kind, selector)
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(s.name for s in self.manifest.shards))
+
+    def batches(self, names: list[str]) -> list[list[str]]:
+        size: dict[str, int] = {}
+        for shard in self.manifest.shards:
+            size[shard.name] = size.get(shard.name, 0) + shard.raw_bytes
+        out: list[list[str]] = [[]]
+        total = 0
+        for name in names:
+            if out[-1] and total + size[name] > _PULL_BATCH_BYTES:
+                out.append([])
+                total = 0
+            out[-1].append(name)
+            total += size[name]
+        return out
+
+    def fetch(self, names: list[str]):  # -> dict[str, np.ndarray]
+        from layervault.arrays import assemble, shard_sinks
+        from layervault.errors import NotFoundError
+
+        wanted = set(names)
+        indices = [i for i, s in enumerate(self.manifest.shards) if s.name in wanted]
+        missing = wanted - {self.manifest.shards[i].name for i in indices}
+        if missing:
+            m = self.manifest
+            raise NotFoundError(f"{m.job}/{m.kind} step {m.step} has no layer {', '.join(map(repr, sorted(missing)[:5]))}")
+        sinks = shard_sinks(self.manifest, indices)
+        if self.client is not None:
+            self.client.restore(self.manifest, names, sinks)
+        else:
+            self._read_storage(indices, sinks)
+        return assemble(self.manifest, sinks)
+
+    def _read_storage(self, indices: list[int], sinks: dict, window: int = 16) -> None:
+        """Chunks straight from storage, verified and decoded as the agent would, ``window`` at a time."""
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        from layervault.agent.restore import fetch_chunk
+
+        work = collections.deque((i, c) for i in indices for c in self.manifest.shards[i].chunks)
+        in_flight: collections.deque = collections.deque()
+        with ThreadPoolExecutor(8, thread_name_prefix="lv-pull") as pool:
+            while work or in_flight:
+                while work and len(in_flight) < window:
+                    index, chunk = work.popleft()
+                    future = pool.submit(fetch_chunk, self.store, self.manifest, self.manifest.shards[index], chunk)
+                    in_flight.append((index, chunk.raw_offset, future))
+                index, offset, future = in_flight.popleft()
+                sinks[index].write(offset, memoryview(future.result()))
+
+
+def _write_npy(path: pathlib.Path, name: str, array) -> None:
+    import numpy as np
+
+    from layervault.arrays import npy_compatible
+
+    out = npy_compatible(array)
+    with open(path, "wb") as f:
+        np.save(f, out, allow_pickle=False)
+    widened = ""
+    if out is not array:
+        widened = f" (stored {array.dtype.name}, widened to {out.dtype.name}: .npy has no {array.dtype.name})"
+    print(f"{name}  {array.dtype.name} {list(array.shape)} -> {path}{widened}")
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from layervault.agent.keys import layer_segment
+
+    if args.step != "latest" and not args.step.isdigit():
+        raise ValueError(f"STEP must be a non-negative integer or 'latest', got {args.step!r}")
+    puller = _Puller(args)
+    out = pathlib.Path(args.output)
+    if args.layer is not None:
+        if out.is_dir():
+            out = out / f"{layer_segment(args.layer)}.npy"
+        _write_npy(out, args.layer, puller.fetch([args.layer])[args.layer])
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    for batch in puller.batches(puller.names()):
+        for name, array in puller.fetch(batch).items():
+            _write_npy(out / f"{layer_segment(name)}.npy", name, array)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layervault", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default=os.environ.get("LAYERVAULT_LOG_LEVEL", "INFO"))
@@ -212,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--agent", help="agent address (default: LAYERVAULT_AGENT or the default socket)")
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("pull", help="write layers of a checkpoint as numpy .npy files",
+                       description="Write one layer (--layer NAME -o FILE.npy) or every layer (-o DIR: one .npy per layer, "
+                                   "names percent-encoded) of a checkpoint, whatever framework saved it. bfloat16 and "
+                                   "float8 layers are widened to float32 (exactly): .npy has no such dtypes.")
+    p.add_argument("job")
+    p.add_argument("step", help="step number, or 'latest'")
+    p.add_argument("--kind", choices=["model", "optimizer"], default="model")
+    p.add_argument("--layer", help="the one layer (entry) to write; all layers when omitted")
+    p.add_argument("-o", "--output", required=True,
+                   help="the .npy file (with --layer; or a directory to put it in), else a directory")
+    p.add_argument("--storage", help="read storage directly (no service needed)")
+    p.add_argument("--agent", help="agent address (default: LAYERVAULT_AGENT or the default socket)")
+    p.set_defaults(func=cmd_pull)
     return parser
 
 
