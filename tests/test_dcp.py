@@ -5,7 +5,6 @@ gloo ranks loaded by M ranks, reading only the bytes each rank needs."""
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -20,8 +19,6 @@ from layervault.torch.dcp import AgentStorageReader, AgentStorageWriter, parse_c
 from dcp_ranks import DcpJob, run_ranks
 from layervault.demo import free_port
 from services import start_cluster_in_process, start_in_process
-
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def make_state(seed: int) -> dict:
