@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -65,6 +66,17 @@ def _bind_tcp(server: grpc.Server, host: str, port: int) -> str:
     return f"{host}:{bound}"
 
 
+def _socket_in_use(path: pathlib.Path) -> bool:
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
 def start_coordinator(store: ObjectStore, host: str = "127.0.0.1", port: int = 0, commit_timeout: float = 600.0) -> RunningServer:
     server, health_servicer = _new_server(64)
     service = CoordinatorService(store, commit_timeout)
@@ -98,7 +110,11 @@ def start_agent(
     if socket_path:
         path = pathlib.Path(socket_path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.unlink(missing_ok=True)
+        if _socket_in_use(path):
+            server.stop(0)
+            service.close()
+            raise OSError(f"another agent is already listening on {path}; pass --socket to run a second one")
+        path.unlink(missing_ok=True)  # a stale socket of a dead agent
         if server.add_insecure_port(f"unix://{path}") == 0:
             raise OSError(f"cannot listen on unix socket {path}")
         address = f"unix://{path}"

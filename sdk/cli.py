@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (LayervaultError, StorageError, ValueError) as exc:  # user-facing: a message, not a traceback
+    except (LayervaultError, StorageError, ValueError, OSError) as exc:  # user-facing: a message, not a traceback
         print(f"layervault: {exc}", file=sys.stderr)
         return 1
 

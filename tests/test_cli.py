@@ -65,3 +65,13 @@ def test_cli_errors_are_messages_not_tracebacks(saved):
     assert down.returncode == 1 and "unavailable" in down.stderr and "Traceback" not in down.stderr
     bad = cli("ls", "--storage", "ftp://x/y", check=False)
     assert bad.returncode == 1 and "unsupported storage URL" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_second_agent_on_the_same_socket_is_refused(saved, tmp_path):
+    services, store_url = saved
+    socket_path = services.agent_address[len("unix://"):]
+    result = subprocess.run([sys.executable, "-m", "layervault.cli", "agent", "--coordinator", services.coordinator.address,
+                             "--storage", store_url, "--socket", socket_path, "--staging-mib", "16"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "already listening" in result.stderr and "Traceback" not in result.stderr
+    assert cli("ls", env={"LAYERVAULT_AGENT": services.agent_address}).returncode == 0  # the first one still serves
