@@ -132,9 +132,7 @@ class SaveSession:
             reservation = self._reservation_of(piece.pool_offset, piece.length)
             self._queue_piece(piece.entry, piece.entry_offset, piece.pool_offset, piece.length, reservation)
         with self._cond:
-            for reservation in self._reservations:
-                reservation.sealed = True
-            self._release_idle_reservations()
+            self._seal_all_locked()
 
     def stage_data(self, data: agent_pb2.DataPiece, timeout: float | None) -> None:
         """Bytes that came over gRPC: copy them into pool memory, then treat them as a piece."""
@@ -166,9 +164,7 @@ class SaveSession:
                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             )
         with self._cond:
-            for reservation in self._reservations:
-                reservation.sealed = True
-            self._release_idle_reservations()
+            self._seal_all_locked()
             self._finished = True
         self._maybe_complete()
         return sum(e.staged for e in self.entries)
@@ -179,9 +175,7 @@ class SaveSession:
             if self.error is None:
                 self.error = SaveFailedError(f"{self.label}: {reason}")
             self._finished = True
-            for reservation in self._reservations:
-                reservation.sealed = True
-            self._release_idle_reservations()
+            self._seal_all_locked()
         self._maybe_complete()
 
     # -- internals ---------------------------------------------------------------------------
@@ -270,6 +264,11 @@ class SaveSession:
         with self._cond:
             reservation.sealed = True
             self._release_idle_reservations()
+
+    def _seal_all_locked(self) -> None:
+        for reservation in self._reservations:
+            reservation.sealed = True
+        self._release_idle_reservations()
 
     def _release_idle_reservations(self) -> None:
         # caller holds self._cond
