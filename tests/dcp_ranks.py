@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import torch
@@ -99,6 +100,10 @@ def run(rank: int, spec: DcpJob) -> None:
         (out / f"{spec.job}.load.{spec.world_size}.{rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
+    # Known PyTorch issue (pytorch/pytorch#179291): gloo worker threads that still hold work
+    # objects can abort the interpreter's finalization ("terminate called without an active
+    # exception"), rarely, after everything is done. This rank's results are written; skip it.
+    os._exit(0)
 
 
 def run_ranks(spec: DcpJob) -> list[dict]:
