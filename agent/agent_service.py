@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -22,7 +23,7 @@ from layervault.agent.rpc import CHANNEL_OPTIONS, handler
 from layervault.agent.save_session import SaveSession, validate_open
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
-from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError, error_from_rpc
+from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError, error_from_rpc
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc, manifest_pb2
 
 log = logging.getLogger("layervault.agent")
@@ -64,8 +65,27 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.cache = ChunkCache(cache_bytes)
         self._lock = threading.Lock()
         self._peak_rss = 0
+        self._draining = False
         self._closed = threading.Event()
         threading.Thread(target=self._rss_sampler, daemon=True, name="lv-rss").start()
+
+    def start_draining(self) -> None:
+        """Refuse new saves from now on (the agent is shutting down)."""
+        with self._lock:
+            self._draining = True
+
+    def drain(self, grace: float) -> None:
+        """Let handed-off saves finish uploading and report, for at most ``grace`` seconds;
+        abort the rest, so the coordinator never commits them, and flush those reports."""
+        self.start_draining()
+        deadline = time.monotonic() + grace
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            if not session.wait_durable(max(0.0, deadline - time.monotonic())):
+                log.warning("%s: aborted, uploads not finished within the %.0fs shutdown grace", session.label, grace)
+                session.abort("the agent shut down before its uploads finished")
+        self.reports.shutdown(wait=True)
 
     def close(self) -> None:
         self._closed.set()
@@ -115,6 +135,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             raise
 
     def _open_session(self, open_msg: agent_pb2.SaveOpen) -> SaveSession:
+        if self._draining:
+            raise UnavailableError(f"agent {self.agent_id} is shutting down; save through another agent or retry")
         validate_open(open_msg)
         id_ = open_msg.id
         begin = coordinator_pb2.BeginSaveRequest(id=id_, world_size=open_msg.world_size, rank=open_msg.rank,

@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -45,8 +46,16 @@ class RunningServer:
     health: health.HealthServicer
 
     def stop(self, grace: float | None = 5.0) -> None:
+        """Graceful stop: refuse new work, give in-flight calls and (for an agent) uploads
+        ``grace`` seconds, abort what is left, then release everything."""
         self.health.enter_graceful_shutdown()
+        draining = isinstance(self.service, AgentService)
+        if draining:
+            self.service.start_draining()
+        started = time.monotonic()
         self.server.stop(grace).wait()
+        if draining:
+            self.service.drain(max(0.0, (grace or 0.0) - (time.monotonic() - started)))
         close = getattr(self.service, "close", None)
         if close:
             close()

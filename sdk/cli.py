@@ -50,13 +50,15 @@ def _announce(args: argparse.Namespace, info: dict) -> None:
         tmp.replace(args.ready_file)
 
 
-def _serve_until_signal(servers: list) -> None:
+def _serve_until_signal(servers: list, grace: float) -> None:
+    """Serve until SIGTERM/SIGINT, then stop gracefully (in order: agents before the coordinator)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    logging.getLogger("layervault").info("shutting down (grace %.0fs)", grace)
     for server in servers:
-        server.stop(grace=5.0)
+        server.stop(grace=grace)
 
 
 def _agent_kwargs(args: argparse.Namespace) -> dict:
@@ -69,7 +71,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     server = start_coordinator(_storage(args.storage), args.host, args.port, args.commit_timeout)
     _announce(args, {"coordinator": server.address, "pid": os.getpid()})
-    _serve_until_signal([server])
+    _serve_until_signal([server], args.grace)
     return 0
 
 
@@ -78,7 +80,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     server = start_agent(_storage(args.storage), args.coordinator, **_agent_kwargs(args))
     _announce(args, {"agent": server.address, "tcp": server.tcp_address, "pid": os.getpid()})
-    _serve_until_signal([server])
+    _serve_until_signal([server], args.grace)
     return 0
 
 
@@ -90,7 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     agent = start_agent(store, coordinator.address, **_agent_kwargs(args))
     _announce(args, {"agent": agent.address, "tcp": agent.tcp_address, "coordinator": coordinator.address,
                      "storage": store.url, "pid": os.getpid()})
-    _serve_until_signal([agent, coordinator])
+    _serve_until_signal([agent, coordinator], args.grace)
     return 0
 
 
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", help="s3://bucket/prefix or file:///path (default for up: ~/.layervault/storage)")
         p.add_argument("--ready-file", help="write the bound addresses as JSON here once serving")
         p.add_argument("--commit-timeout", type=float, default=600.0, help="seconds a save may take to commit")
+        p.add_argument("--grace", type=float, default=30.0,
+                       help="on SIGTERM: seconds to let in-flight hand-offs and uploads finish before aborting them")
         return p
 
     p = service("coordinator", "run the coordinator")
