@@ -55,7 +55,10 @@ def _serve_until_signal(servers: list, grace: float) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Wake up regularly: a signal delivered to one of the upload threads only marks itself
+    # pending, and Python runs the handler once the main thread is back in the interpreter.
+    while not stop.wait(0.25):
+        pass
     logging.getLogger("layervault").info("shutting down (grace %.0fs)", grace)
     for server in servers:
         server.stop(grace=grace)
