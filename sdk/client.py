@@ -112,6 +112,15 @@ class _PoolMapping:
         self.view = memoryview(self.mmap)
         self.path, self.size = path, size
 
+    def close(self) -> bool:
+        """Unmap; False while a slice of it is still in use (it is then kept)."""
+        try:
+            self.view.release()
+            self.mmap.close()
+            return True
+        except BufferError:
+            return False
+
 
 def _packed(length: int) -> int:
     """Room a piece takes in a reservation: pieces are packed at cache-line alignment."""
@@ -144,6 +153,11 @@ class AgentClient:
         with self._lock:
             pool = self._pools.get(path)
             if pool is None:
+                # A new pool means the agent restarted: unmap the old one, whose deleted file
+                # otherwise keeps its memory alive as long as this process maps it.
+                for old_path, old in list(self._pools.items()):
+                    if old.close():
+                        del self._pools[old_path]
                 pool = self._pools[path] = _PoolMapping(path, size)
             return pool
 

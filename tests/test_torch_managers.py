@@ -260,3 +260,20 @@ def test_rank_that_disconnects_mid_handoff_never_commits(services):
     target = Net()
     mm.load(target)
     assert_same_state(target.state_dict(), model.state_dict())
+
+
+def test_client_unmaps_the_pool_of_a_restarted_agent(store_url):
+    """A restarted agent has a new pool; the rank must not keep the dead one's memory mapped."""
+    first = start_in_process(store_url)
+    client = AgentClient(first.agent_address)
+    ModelManager(lv.ModelConfig(job="restart", name="net"), agent=client).save(Net(), step=1).wait(60)
+    old_pool = str(first.agent.service.pool.path)
+    assert old_pool in client._pools
+    first.stop()
+    second = start_in_process(store_url)
+    try:
+        new_pool = second.agent.service.pool
+        client._pool(str(new_pool.path), new_pool.size)  # what the next Opened reply leads to
+        assert list(client._pools) == [str(new_pool.path)]
+    finally:
+        second.stop()
