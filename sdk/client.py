@@ -161,6 +161,12 @@ class AgentClient:
                 pool = self._pools[path] = _PoolMapping(path, size)
             return pool
 
+    def _try_pool(self, path: str, size: int) -> _PoolMapping | None:
+        try:
+            return self._pool(path, size)
+        except OSError:
+            return None
+
     def prepare(self, timeout: float = 5.0) -> bool:
         """Map the agent's staging pool now, so the first save() pays no page-table set-up.
 
@@ -170,9 +176,8 @@ class AgentClient:
             return False
         try:
             stats = self._stub.Stats(common_pb2.Empty(), timeout=timeout)
-            if stats.pool_path and os.path.exists(stats.pool_path):
-                self._pool(stats.pool_path, stats.pool_size)
-                return True
+            if stats.pool_path:
+                return self._try_pool(stats.pool_path, stats.pool_size) is not None
         except grpc.RpcError:
             pass
         return False
@@ -210,9 +215,10 @@ class AgentClient:
         replies = self._stub.Save(iter(requests))
         try:
             opened = next(replies).opened
-            if opened.pool_path:
-                self._handoff_shared(requests, replies, entries, self._pool(opened.pool_path, opened.pool_size), opened.chunk_size)
-            else:
+            pool = self._try_pool(opened.pool_path, opened.pool_size) if opened.pool_path else None
+            if pool is not None:
+                self._handoff_shared(requests, replies, entries, pool, opened.chunk_size)
+            else:  # no shared memory, or the agent's pool is not on this host: bytes over gRPC
                 self._handoff_stream(requests, entries, opened.chunk_size)
             requests.send(agent_pb2.SaveRequest(finish=True))
             finished = next(replies).finished
@@ -294,7 +300,10 @@ class AgentClient:
             opened = next(replies).opened
             if opened.save_id != manifest.save_id:
                 raise LayervaultError(f"{manifest.job}/{manifest.kind} step {manifest.step} was overwritten while loading; load again")
-            pool = self._pool(opened.pool_path, opened.pool_size) if opened.pool_path else None
+            pool = self._try_pool(opened.pool_path, opened.pool_size) if opened.pool_path else None
+            if opened.pool_path and pool is None:
+                raise UnavailableError(f"cannot map the agent's shared memory {opened.pool_path} (agent on another host?); "
+                                       "use shared_memory=False or LAYERVAULT_SHARED_MEMORY=0")
             for reply in replies:
                 if reply.WhichOneof("kind") == "done":
                     break

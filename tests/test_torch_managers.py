@@ -277,3 +277,15 @@ def test_client_unmaps_the_pool_of_a_restarted_agent(store_url):
         assert list(client._pools) == [str(new_pool.path)]
     finally:
         second.stop()
+
+
+def test_save_falls_back_to_the_grpc_stream_when_the_pool_cannot_be_mapped(services, monkeypatch):
+    client = AgentClient(services.agent_address, shared_memory=True)
+    monkeypatch.setattr(client, "_pool", lambda path, size: (_ for _ in ()).throw(FileNotFoundError(path)))
+    mm = ModelManager(lv.ModelConfig(job="remote", name="net"), agent=client)
+    model = Net()
+    mm.save(model, step=1).wait(60)  # the agent said "use my pool", the rank could not map it
+    assert torch.equal(ModelManager(lv.ModelConfig(job="remote", name="net"), agent=AgentClient(
+        services.agent_address, shared_memory=False)).load_layer("head.weight", step=1), model.head.weight.detach())
+    with pytest.raises(lv.LayervaultError, match="LAYERVAULT_SHARED_MEMORY=0"):
+        mm.load_layer("head.weight", step=1)
