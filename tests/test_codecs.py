@@ -48,3 +48,15 @@ def test_selection_follows_the_data():
     # counters: shuffle+lz4
     assert choose_chain(_bytes(np.arange(1 << 16, dtype=np.int64)), "lz4", 8) == ["shuffle/1:8", "lz4/1:1"]
     assert choose_chain(_bytes(np.zeros(1 << 18, np.float32)), "none", 4) == []
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("size", [0, 3, 17, 4096, 100_003])
+def test_fast_shuffle_is_byte_identical_to_the_format_definition(itemsize, size):
+    from layervault.agent.codecs.shuffle import ShuffleCodec, shuffle_reference, unshuffle_reference
+
+    raw = np.random.default_rng(size + itemsize).integers(0, 256, size, dtype=np.uint8)
+    codec = ShuffleCodec(itemsize)
+    encoded = bytes(codec.encode(memoryview(raw)))
+    assert encoded == shuffle_reference(memoryview(raw), itemsize).tobytes()
+    assert bytes(codec.decode(encoded, size)) == unshuffle_reference(encoded, itemsize).tobytes() == raw.tobytes()
