@@ -18,8 +18,10 @@ committed. There is no second metadata file: shard layouts come from the manifes
 Load - ``read_metadata`` rebuilds DCP's ``Metadata`` from the manifest; ``read_data`` asks
 the agent for only the byte ranges of the shards this rank's plan reads (whole chunks
 overlapping them are fetched, at most a few MiB beyond), then narrows and copies into the
-planner's tensors. Loading at another world size (resharding) is DCP's planning; the bytes
-come from here.
+planner's tensors (a read item that covers a whole shard receives its bytes in place, with
+no intermediate buffer; as with DCP's own readers, a load that fails midway may leave
+targets partly written). Loading at another world size (resharding) is DCP's planning; the
+bytes come from here.
 
 Non-tensor items (ints, strings, lr-scheduler state...) are DCP's own ``torch.save`` bytes,
 stored as uint8 entries and handed back to DCP's planner; layervault's own load paths never
@@ -309,29 +311,39 @@ class AgentStorageReader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         manifest, located = self._manifest, self._located
         assert manifest is not None and located is not None, "set_up_storage_reader() was not called"
-        sinks: dict[int, TensorSink] = {}
-        ranges = []
+        readers: dict[int, list] = {}
         for item in plan.items:
-            index = located.shards[item.storage_index]
-            layout = manifest.shards[index].layout
-            if index not in sinks:
-                sinks[index] = TensorSink(layout)
-            if item.type == LoadItemType.BYTE_IO:
-                ranges.append((index, 0, manifest.shards[index].raw_bytes))
-            else:
-                ranges.append((index, *_byte_span(layout, list(item.storage_offsets), list(item.lengths))))
+            readers.setdefault(located.shards[item.storage_index], []).append(item)
+        sinks: dict[int, TensorSink] = {}
+        direct: dict[int, torch.Tensor] = {}  # shard -> planner tensor its bytes go straight into
+        ranges = []
+        for index, items in readers.items():
+            shard = manifest.shards[index]
+            item = items[0]
+            if len(items) == 1 and item.type == LoadItemType.TENSOR and list(item.lengths) == list(shard.layout.local_shape):
+                target = planner.resolve_tensor(item).detach()
+                if TensorSink.fits(shard.layout, target):
+                    direct[index] = target
+            sinks[index] = TensorSink(shard.layout, into=direct.get(index))
+            for item in items:
+                if item.type == LoadItemType.BYTE_IO:
+                    ranges.append((index, 0, shard.raw_bytes))
+                else:
+                    ranges.append((index, *_byte_span(shard.layout, list(item.storage_offsets), list(item.lengths))))
         if ranges:  # (an empty request would mean "everything")
             self.client.restore(manifest, [], sinks, ranges=ranges)
         self.bytes_received += sum(sink.received for sink in sinks.values())
-        for item in plan.items:
-            shard_tensor = sinks[located.shards[item.storage_index]].tensor
-            if item.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(item, io.BytesIO(shard_tensor.numpy().tobytes()))
-            else:
-                source = narrow_tensor_by_index(shard_tensor, item.storage_offsets, item.lengths)
-                target = planner.resolve_tensor(item).detach()
-                target.copy_(source)
-                planner.commit_tensor(item, target)
+        for index, items in readers.items():
+            shard_tensor = sinks[index].tensor
+            for item in items:
+                if item.type == LoadItemType.BYTE_IO:
+                    planner.load_bytes(item, io.BytesIO(shard_tensor.numpy().tobytes()))
+                elif index in direct:
+                    planner.commit_tensor(item, direct[index])  # already in place
+                else:
+                    target = planner.resolve_tensor(item).detach()
+                    target.copy_(narrow_tensor_by_index(shard_tensor, item.storage_offsets, item.lengths))
+                    planner.commit_tensor(item, target)
         future: Future[None] = Future()
         future.set_result(None)
         return future

@@ -40,10 +40,17 @@ class TensorSource:
 class TensorSink:
     """Receives the bytes of one restored tensor into a fresh CPU tensor."""
 
-    def __init__(self, layout: manifest_pb2.TensorLayout) -> None:
-        self.tensor = torch.empty(tuple(layout.local_shape), dtype=torch_dtype(layout.dtype))
+    def __init__(self, layout: manifest_pb2.TensorLayout, into: torch.Tensor | None = None) -> None:
+        """``into``: write straight into this contiguous CPU tensor of the shard's shape and dtype."""
+        self.tensor = into if into is not None else torch.empty(tuple(layout.local_shape), dtype=torch_dtype(layout.dtype))
         self._u8 = _bytes_view(self.tensor)
         self.received = 0
+
+    @staticmethod
+    def fits(layout: manifest_pb2.TensorLayout, tensor: torch.Tensor) -> bool:
+        """Whether restored bytes of ``layout`` can be written into ``tensor`` as they are."""
+        return (tensor.device.type == "cpu" and tensor.is_contiguous() and list(tensor.shape) == list(layout.local_shape)
+                and tensor.dtype == torch_dtype(layout.dtype) and tensor.numel() > 0)
 
     def write(self, offset: int, src: memoryview) -> None:
         n = len(src)
