@@ -23,6 +23,7 @@ from layervault.arrays import ArraySource, assemble, shard_sinks, whole_layout
 from layervault.checkpoint import Checkpoint
 from layervault.client import AgentClient, CheckpointRef, SaveEntry, SaveHandle
 from layervault.config import ModelConfig, OptimizerConfig
+from layervault.manager_base import ManagerBase, Specs, check_compatible, stored_specs, summary
 from layervault.dtypes import itemsize_of
 from layervault.errors import IncompatibleStateError, InvalidArgumentError
 from layervault.placement import assign_owners
@@ -31,38 +32,15 @@ from layervault.tensorflow.distribute import rank_and_world
 from layervault.tensorflow.variables import (
     as_variables,
     assign_all,
-    check_compatible,
     model_variables,
     optimizer_variables,
     spec,
     to_numpy,
 )
 
-Specs = dict[str, tuple[list[int], str]]
 
-
-def _stored_specs(manifest: manifest_pb2.Manifest) -> Specs:
-    return {s.name: ([int(d) for d in s.layout.global_shape], s.layout.dtype) for s in manifest.shards}
-
-
-def _summary(manifest: manifest_pb2.Manifest) -> Checkpoint:
-    from layervault.agent.manifest import checkpoint_info
-
-    return Checkpoint.from_info(checkpoint_info(manifest, ""))
-
-
-class _Manager:
-    kind = ""
-
-    def __init__(self, config: ModelConfig | OptimizerConfig, agent: str | AgentClient | None = None,
-                 shared_memory: bool | None = None) -> None:
-        self.config = config
-        self.client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
-        self.client.prepare()
-
-    def _config_proto(self) -> manifest_pb2.Config:
-        return manifest_pb2.Config(name=self.config.name, framework="tensorflow",
-                                   additional=dict(self.config.additional), compressor=self.config.compressor)
+class _Manager(ManagerBase):
+    framework = "tensorflow"
 
     def _save(self, values: Mapping[str, Any], step: int, keys: Mapping[str, Any], extra: Mapping[str, str],
               overwrite: bool, strategy: Any) -> SaveHandle:
@@ -81,21 +59,11 @@ class _Manager:
         ref = CheckpointRef(self.config.job, self.kind, step)
         return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite)
 
-    def _resolve(self, step: int | None, keys: Mapping[str, Any]) -> manifest_pb2.Manifest:
-        selector = encode_keys(keys)
-        if step is not None:
-            selector["step"] = json.dumps(int(step))
-        return self.client.resolve(self.config.job, self.kind, selector)
-
     def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, np.ndarray]:
         wanted = set(names)
         sinks = shard_sinks(manifest, [i for i, s in enumerate(manifest.shards) if s.name in wanted])
         self.client.restore(manifest, names, sinks)
         return assemble(manifest, sinks)
-
-    def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints of this job and kind, oldest step first."""
-        return [Checkpoint.from_info(info) for info in self.client.list(self.config.job, self.kind)]
 
     def load_layer(self, name: str, step: int | None = None, **keys: Any) -> np.ndarray:
         """One entry of a checkpoint as a numpy array (latest committed unless step/keys select another).
@@ -135,9 +103,9 @@ class ModelManager(_Manager):
         target = self._variables(model)
         manifest = self._resolve(step, keys)
         label = f"{manifest.job}/{manifest.kind} step {manifest.step}"
-        check_compatible(label, _stored_specs(manifest), {n: spec(v) for n, v in target.items()})
+        check_compatible(label, stored_specs(manifest), {n: spec(v) for n, v in target.items()})
         assign_all(target, self._fetch(manifest, list(target)))
-        return _summary(manifest)
+        return summary(manifest)
 
 
 # -- optimizer ------------------------------------------------------------------------------------
@@ -206,7 +174,7 @@ class OptimizerManager(_Manager):
         saved_class = manifest.extra.get(_CLASS, "")
         if saved_class and saved_class != type(optimizer).__name__:
             raise IncompatibleStateError(f"{label} holds {saved_class} state, not {type(optimizer).__name__}; nothing was loaded")
-        stored = _stored_specs(manifest)
+        stored = stored_specs(manifest)
         if not optimizer.built and model is not None:
             strategy = getattr(model, "distribute_strategy", None)
             if strategy is not None:
@@ -220,7 +188,7 @@ class OptimizerManager(_Manager):
             assign_all(variables, self._fetch(manifest, list(variables)))
         else:
             _assign_when_built(optimizer, self._fetch(manifest, list(stored)), stored, label)
-        return _summary(manifest)
+        return summary(manifest)
 
     def hyper_parameters(self, step: int | None = None, **keys: Any) -> dict[str, Any]:
         """The saved ``optimizer.get_config()``: ``type(opt).from_config(om.hyper_parameters())`` rebuilds it."""

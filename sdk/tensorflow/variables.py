@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from layervault.errors import IncompatibleStateError, InvalidArgumentError
+from layervault.errors import InvalidArgumentError
 from layervault.tensorflow.dtypes import dtype_name
 
 _SEED_STATE = "seed_generator_state"
@@ -115,26 +115,6 @@ def _numpy_name(dtype: np.dtype) -> str:
     from layervault.arrays import dtype_name as numpy_dtype_name
 
     return numpy_dtype_name(dtype)
-
-
-def check_compatible(label: str, stored: Mapping[str, tuple[list[int], str]],
-                     target: Mapping[str, tuple[list[int], str]]) -> None:
-    """Raise IncompatibleStateError listing every name, shape and dtype difference."""
-    problems = []
-    missing = sorted(set(target) - set(stored))
-    unexpected = sorted(set(stored) - set(target))
-    if missing:
-        problems.append(f"not in the checkpoint: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"not in the target: {', '.join(unexpected)}")
-    for name in sorted(set(target) & set(stored)):
-        (shape, dtype), (want_shape, want_dtype) = stored[name], target[name]
-        if shape != want_shape:
-            problems.append(f"{name}: shape {shape} in the checkpoint, {want_shape} in the target")
-        if dtype != want_dtype:
-            problems.append(f"{name}: dtype {dtype} in the checkpoint, {want_dtype} in the target")
-    if problems:
-        raise IncompatibleStateError(f"cannot load {label}; nothing was loaded: " + "; ".join(problems))
 
 
 def assign_all(variables: Mapping[str, Any], values: Mapping[str, np.ndarray]) -> None:

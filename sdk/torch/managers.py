@@ -19,6 +19,8 @@ from layervault.agent.manifest import encode_keys
 from layervault.checkpoint import Checkpoint
 from layervault.client import AgentClient, CheckpointRef, SaveEntry, SaveHandle
 from layervault.config import ModelConfig, OptimizerConfig
+from layervault.manager_base import ManagerBase, stored_specs, summary
+from layervault.manager_base import check_compatible as check_specs
 from layervault.errors import IncompatibleStateError, InvalidArgumentError, NotFoundError
 from layervault.proto import manifest_pb2
 from layervault.torch.dtypes import dtype_name
@@ -35,18 +37,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-class _Manager:
-    kind = ""
-
-    def __init__(self, config: ModelConfig | OptimizerConfig, agent: str | AgentClient | None = None,
-                 shared_memory: bool | None = None) -> None:
-        self.config = config
-        self.client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
-        self.client.prepare()
-
-    def _config_proto(self) -> manifest_pb2.Config:
-        return manifest_pb2.Config(name=self.config.name, framework="torch",
-                                   additional=dict(self.config.additional), compressor=self.config.compressor)
+class _Manager(ManagerBase):
+    framework = "torch"
 
     def _save(self, tensors: StateDict, step: int, keys: Mapping[str, Any], extra: Mapping[str, str],
               overwrite: bool) -> SaveHandle:
@@ -62,12 +54,6 @@ class _Manager:
         mine = [SaveEntry(n, whole_layout(t), TensorSource(t)) for n, t in tensors.items() if owners[n] == rank]
         ref = CheckpointRef(self.config.job, self.kind, step)
         return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite)
-
-    def _resolve(self, step: int | None, keys: Mapping[str, Any]) -> manifest_pb2.Manifest:
-        selector = encode_keys(keys)
-        if step is not None:
-            selector["step"] = json.dumps(int(step))
-        return self.client.resolve(self.config.job, self.kind, selector)
 
     def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, torch.Tensor]:
         """Whole tensors for ``names``; sharded entries (saved through DCP) are reassembled."""
@@ -96,10 +82,6 @@ class _Manager:
                 raise IncompatibleStateError(f"layer {name!r}: its shards cover {covered} of {whole.numel()} elements")
             out[name] = whole
         return out
-
-    def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints of this job and kind, oldest step first."""
-        return [Checkpoint.from_info(info) for info in self.client.list(self.config.job, self.kind)]
 
     def load_layer(self, name: str, step: int | None = None, **keys: Any) -> torch.Tensor:
         """One layer of a checkpoint (latest committed unless step/keys select another)."""
@@ -131,34 +113,13 @@ class ModelManager(_Manager):
         with torch.no_grad():
             for name, tensor in target.items():
                 tensor.copy_(loaded[name])
-        return _summary(manifest)
-
-
-def _summary(manifest: manifest_pb2.Manifest) -> Checkpoint:
-    from layervault.agent.manifest import checkpoint_info
-
-    return Checkpoint.from_info(checkpoint_info(manifest, ""))
+        return summary(manifest)
 
 
 def check_compatible(manifest: manifest_pb2.Manifest, target: Mapping[str, torch.Tensor]) -> None:
     """Raise IncompatibleStateError listing every name, shape and dtype difference."""
-    stored = {s.name: s.layout for s in manifest.shards}
-    problems = []
-    missing = sorted(set(target) - set(stored))
-    unexpected = sorted(set(stored) - set(target))
-    if missing:
-        problems.append(f"not in the checkpoint: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"not in the target: {', '.join(unexpected)}")
-    for name in sorted(set(target) & set(stored)):
-        layout, tensor = stored[name], target[name]
-        if list(layout.global_shape) != list(tensor.shape):
-            problems.append(f"{name}: shape {list(layout.global_shape)} in the checkpoint, {list(tensor.shape)} in the target")
-        if layout.dtype != dtype_name(tensor.dtype):
-            problems.append(f"{name}: dtype {layout.dtype} in the checkpoint, {dtype_name(tensor.dtype)} in the target")
-    if problems:
-        raise IncompatibleStateError(
-            f"cannot load {manifest.job}/{manifest.kind} step {manifest.step}; nothing was loaded: " + "; ".join(problems))
+    check_specs(f"{manifest.job}/{manifest.kind} step {manifest.step}", stored_specs(manifest),
+                {name: (list(t.shape), dtype_name(t.dtype)) for name, t in target.items()})
 
 
 # -- optimizer ------------------------------------------------------------------------------------
@@ -287,7 +248,7 @@ class OptimizerManager(_Manager):
             optimizer.load_state_dict({"state": state, "param_groups": param_groups})
         except (ValueError, KeyError, RuntimeError) as exc:
             raise IncompatibleStateError(f"{label}: {exc}") from exc
-        return _summary(manifest)
+        return summary(manifest)
 
 
 __all__ = ["ModelManager", "OptimizerManager", "check_compatible", "NotFoundError"]
