@@ -301,6 +301,3 @@ class SaveSession:
                 codec=state.chain or [], chunks=chunks, raw_bytes=state.spec.nbytes, stored_bytes=state.stored,
             ))
         return records
-
-    def checkpoint_id(self) -> common_pb2.CheckpointId:
-        return self.id

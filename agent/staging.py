@@ -153,10 +153,6 @@ class StagingPool:
     def free(self, offset: int, length: int) -> None:
         self.allocator.free(offset, length)
 
-    def check_extent(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise InvalidArgumentError(f"extent [{offset}, {offset + length}) lies outside the staging pool")
-
     @property
     def in_use(self) -> int:
         return self.allocator.in_use

@@ -10,7 +10,6 @@ travel over gRPC. Otherwise (or with ``shared_memory=False``) they stream in
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import os
 import queue
 import threading
@@ -104,12 +103,9 @@ class _Requests:
 
 class _PoolMapping:
     def __init__(self, path: str, size: int) -> None:
-        fd = os.open(path, os.O_RDWR)
-        try:
-            self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-        finally:
-            os.close(fd)
-        self.view = memoryview(self.mmap)
+        from layervault.agent.staging import map_pool
+
+        self.mmap, self.view = map_pool(path, size)
         self.path, self.size = path, size
 
     def close(self) -> bool:
@@ -120,6 +116,13 @@ class _PoolMapping:
             return True
         except BufferError:
             return False
+
+
+def agent_client(agent: str | AgentClient | None, shared_memory: bool | None = None) -> AgentClient:
+    """The given client, or a new one for the address (default: LAYERVAULT_AGENT), with its pool mapped."""
+    client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
+    client.prepare()
+    return client
 
 
 def _packed(length: int) -> int:

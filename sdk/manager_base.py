@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from layervault.agent.manifest import checkpoint_info, encode_keys
 from layervault.checkpoint import Checkpoint
-from layervault.client import AgentClient
+from layervault.client import AgentClient, agent_client
 from layervault.config import ModelConfig, OptimizerConfig
 from layervault.errors import IncompatibleStateError
 from layervault.proto import manifest_pb2
@@ -28,8 +28,7 @@ class ManagerBase:
     def __init__(self, config: ModelConfig | OptimizerConfig, agent: str | AgentClient | None = None,
                  shared_memory: bool | None = None) -> None:
         self.config = config
-        self.client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
-        self.client.prepare()
+        self.client = agent_client(agent, shared_memory)
 
     def _config_proto(self) -> manifest_pb2.Config:
         return manifest_pb2.Config(name=self.config.name, framework=self.framework,

@@ -38,7 +38,6 @@ import uuid
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.futures import Future
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import (
@@ -54,10 +53,12 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 
 from layervault.agent.manifest import encode_keys
-from layervault.client import AgentClient, CheckpointRef, SaveEntry, SaveHandle
+from layervault.client import AgentClient, CheckpointRef, SaveEntry, SaveHandle, agent_client
 from layervault.errors import InvalidArgumentError, ManifestError
 from layervault.proto import manifest_pb2
-from layervault.torch.dtypes import dtype_name, itemsize, torch_dtype
+from layervault.dtypes import itemsize_of as itemsize
+from layervault.torch.dtypes import dtype_name, torch_dtype
+from layervault.torch.managers import rank_and_world
 from layervault.torch.tensors import TensorSink, TensorSource
 
 DCP_METADATA = "torch.dcp.metadata"
@@ -89,18 +90,6 @@ def _valid_id(checkpoint_id: str | os.PathLike) -> bool:
         return False
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _agent(agent: str | AgentClient | None, shared_memory: bool | None) -> AgentClient:
-    client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
-    client.prepare()
-    return client
-
-
 class AgentStorageWriter(StorageWriter):
     """DCP StorageWriter that saves through the node's layervault agent."""
 
@@ -116,7 +105,7 @@ class AgentStorageWriter(StorageWriter):
                                           additional=additional or {}, compressor=compressor)
         self.keys = encode_keys(keys or {})
         self.overwrite, self.timeout = overwrite, timeout
-        self.client = _agent(agent, shared_memory)
+        self.client = agent_client(agent, shared_memory)
         self._handle: SaveHandle | None = None
         self.save_id = uuid.uuid4().hex
 
@@ -164,7 +153,7 @@ class AgentStorageWriter(StorageWriter):
             source = TensorSource(tensor)
             entries.append(SaveEntry(item.index.fqn, layout, source))
             results.append(WriteResult(index=item.index, size_in_bytes=source.nbytes, storage_data=None))
-        rank, world_size = _world()
+        rank, world_size = rank_and_world()
         self._handle = self.client.save(self._ref(), rank, world_size, self.config, self.keys, {}, entries,
                                         overwrite=self.overwrite, needs_seal=True)
         future: Future[list[WriteResult]] = Future()
@@ -173,7 +162,7 @@ class AgentStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Seal the save with DCP's metadata and return once the checkpoint is committed."""
-        _, world_size = _world()
+        _, world_size = rank_and_world()
         self.client.seal(self._ref(), world_size, self.keys, {DCP_METADATA: encode_dcp_metadata(metadata)})
         if self._handle is None:
             raise InvalidArgumentError("finish() without write_data() on the coordinator rank")
@@ -267,7 +256,7 @@ class AgentStorageReader(StorageReader):
     def __init__(self, job: str, step: int | None = None, kind: str = "model", agent: str | AgentClient | None = None,
                  shared_memory: bool | None = None, **keys: Any) -> None:
         self.job, self.kind, self.step, self.keys = job, kind, step, keys
-        self.client = _agent(agent, shared_memory)
+        self.client = agent_client(agent, shared_memory)
         self._manifest: manifest_pb2.Manifest | None = None
         self._located: _Located | None = None
         self.bytes_received = 0

@@ -32,9 +32,3 @@ def torch_dtype(name: str) -> torch.dtype:
     except KeyError:
         raise InvalidArgumentError(f"unknown dtype {name!r} in checkpoint") from None
 
-
-def itemsize(name: str) -> int:
-    """Bytes per element of a manifest dtype name."""
-    from layervault.dtypes import itemsize_of
-
-    return itemsize_of(name)

@@ -2,7 +2,7 @@
 
 Rank and world size come from ``torch.distributed`` when it is initialised. Plain tensors
 are taken to be replicated across ranks (DDP): each is stored once, by the rank
-:func:`~layervault.torch.placement.assign_owners` picks. Loading validates every name,
+:func:`~layervault.placement.assign_owners` picks. Loading validates every name,
 shape and dtype against the manifest and fetches everything before touching the target,
 so a failed load changes nothing.
 """
@@ -30,7 +30,8 @@ from layervault.torch.tensors import TensorSink, TensorSource, whole_layout
 StateDict = Mapping[str, torch.Tensor]
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed; (0, 1) when it is not initialised."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -46,7 +47,7 @@ class _Manager(ManagerBase):
             raise InvalidArgumentError(f"step must be a non-negative int, got {step!r}")
         if "step" in keys:
             raise InvalidArgumentError("pass the step as save(..., step=N), not as a training key")
-        rank, world_size = _world()
+        rank, world_size = rank_and_world()
         for name, tensor in tensors.items():
             if not isinstance(tensor, torch.Tensor):
                 raise InvalidArgumentError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
