@@ -40,6 +40,20 @@ class ManagerBase:
             selector["step"] = json.dumps(int(step))
         return self.client.resolve(self.config.job, self.kind, selector)
 
+    def _resolve_optimizer(self, step: int | None, keys: Mapping[str, Any], optimizer: object,
+                           marker: str, class_key: str) -> tuple[manifest_pb2.Manifest, str]:
+        """The optimizer checkpoint and its label; refused unless this framework's manager wrote
+        it (``marker`` in its extra) for the same optimizer class."""
+        manifest = self._resolve(step, keys)
+        label = f"{manifest.job}/{manifest.kind} step {manifest.step}"
+        if marker not in manifest.extra:
+            raise IncompatibleStateError(f"{label} was not saved by a {self.framework} OptimizerManager")
+        saved_class = manifest.extra.get(class_key, "")
+        if saved_class and saved_class != type(optimizer).__name__:
+            raise IncompatibleStateError(
+                f"{label} holds {saved_class} state, not {type(optimizer).__name__}; nothing was loaded")
+        return manifest, label
+
     def checkpoints(self) -> list[Checkpoint]:
         """Committed checkpoints of this job and kind, oldest step first."""
         return [Checkpoint.from_info(info) for info in self.client.list(self.config.job, self.kind)]

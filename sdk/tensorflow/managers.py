@@ -167,13 +167,7 @@ class OptimizerManager(_Manager):
         and assigned when Keras builds the optimizer (on the first training step), after
         the same name and shape check.
         """
-        manifest = self._resolve(step, keys)
-        label = f"{manifest.job}/{manifest.kind} step {manifest.step}"
-        if _CONFIG not in manifest.extra:
-            raise IncompatibleStateError(f"{label} was not saved by a tensorflow OptimizerManager")
-        saved_class = manifest.extra.get(_CLASS, "")
-        if saved_class and saved_class != type(optimizer).__name__:
-            raise IncompatibleStateError(f"{label} holds {saved_class} state, not {type(optimizer).__name__}; nothing was loaded")
+        manifest, label = self._resolve_optimizer(step, keys, optimizer, _CONFIG, _CLASS)
         stored = stored_specs(manifest)
         if not optimizer.built and model is not None:
             strategy = getattr(model, "distribute_strategy", None)

@@ -209,13 +209,7 @@ class OptimizerManager(_Manager):
 
     def load(self, optimizer: torch.optim.Optimizer, step: int | None = None, model: torch.nn.Module | None = None,
              **keys: Any) -> Checkpoint:
-        manifest = self._resolve(step, keys)
-        label = f"{manifest.job}/optimizer step {manifest.step}"
-        if _GROUPS not in manifest.extra:
-            raise IncompatibleStateError(f"{label} was not saved by a torch OptimizerManager")
-        saved_class = manifest.extra.get(_CLASS, "")
-        if saved_class and saved_class != type(optimizer).__name__:
-            raise IncompatibleStateError(f"{label} holds {saved_class} state, not {type(optimizer).__name__}; nothing was loaded")
+        manifest, label = self._resolve_optimizer(step, keys, optimizer, _GROUPS, _CLASS)
         groups = json.loads(manifest.extra[_GROUPS])
         scalars = json.loads(manifest.extra.get(_SCALARS, "{}"))
         names = _param_names(optimizer, model)
