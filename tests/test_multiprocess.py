@@ -20,6 +20,8 @@ from services import ServiceProcess
 
 pytestmark = pytest.mark.slow
 
+ONE_RANK_SAVE = pathlib.Path(__file__).with_name("one_rank_save.py")
+
 
 class Cluster:
     """A coordinator and two agents as `layervault` processes."""
@@ -104,9 +106,7 @@ def test_killed_mid_handoff_never_commits_and_the_step_can_be_saved_again(store_
     try:
         spec = RankJob("crashy", 2, free_port(), cluster.rank_agents(2), str(tmp_path), "train", save_steps=(3,), extra_steps=0)
         run_ranks(spec)
-        script = tmp_path / "victim.py"
-        script.write_text(_VICTIM)
-        victim = subprocess.Popen([sys.executable, str(script), cluster.agents[0].info["agent"], "slow"],
+        victim = subprocess.Popen([sys.executable, str(ONE_RANK_SAVE), cluster.agents[0].info["agent"], "crashy", "4", "slow"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert victim.stdout.readline().strip() == "staging"
         if killed == "rank":
@@ -120,32 +120,9 @@ def test_killed_mid_handoff_never_commits_and_the_step_can_be_saved_again(store_
         resumed = run_ranks(dataclasses.replace(spec, mode="resume", master_port=free_port(), extra_steps=1,
                                                 agents=cluster.rank_agents(2)))
         assert all(r["resumed_from"] == 3 for r in resumed)
-        redo = subprocess.run([sys.executable, str(script), cluster.agents[0].info["agent"], "fast"],
+        redo = subprocess.run([sys.executable, str(ONE_RANK_SAVE), cluster.agents[0].info["agent"], "crashy", "4", "fast"],
                               capture_output=True, text=True, timeout=120)
         assert redo.returncode == 0, redo.stderr
         assert _model_steps(cluster, "crashy") == [3, 4]
     finally:
         cluster.stop()
-
-
-_VICTIM = r'''
-import sys, time, torch
-import layervault as lv
-from layervault.client import AgentClient, CheckpointRef, SaveEntry
-from layervault.torch.tensors import TensorSource, whole_layout
-from layervault.proto import manifest_pb2
-
-class SlowSource(TensorSource):
-    def copy_to(self, offset, dst):
-        super().copy_to(offset, dst)
-        print("staging", flush=True)
-        time.sleep(600)  # killed here, in the middle of its hand-off
-
-# A one-rank save of step 4 that would commit on its own; "slow" stops in mid hand-off.
-client = AgentClient(sys.argv[1])
-t = torch.ones(1 << 20)
-entry = SaveEntry("w", whole_layout(t), SlowSource(t) if sys.argv[2] == "slow" else TensorSource(t))
-handle = client.save(CheckpointRef("crashy", "model", 4), rank=0, world_size=1,
-                     config=manifest_pb2.Config(name="x"), keys={}, extra={}, entries=[entry])
-handle.wait(timeout=60)
-'''

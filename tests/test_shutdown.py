@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -59,9 +60,8 @@ def test_sigterm_lets_handed_off_uploads_finish_and_commit(store_url, tmp_path):
 
 def test_sigterm_aborts_a_stalled_handoff_after_the_grace_period(store_url, tmp_path):
     coordinator, agent = _services(store_url, tmp_path, grace=2)
-    victim_script = tmp_path / "victim.py"
-    victim_script.write_text(_STALLED_RANK)
-    victim = subprocess.Popen([sys.executable, str(victim_script), agent.info["agent"]], stdout=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("one_rank_save.py")),
+                               agent.info["agent"], "stalled", "1", "slow"], stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout.readline().strip() == "staging"
         started = time.monotonic()
@@ -74,25 +74,6 @@ def test_sigterm_aborts_a_stalled_handoff_after_the_grace_period(store_url, tmp_
         victim.kill()
         agent.stop()
         coordinator.stop()
-
-
-_STALLED_RANK = r'''
-import sys, time, torch
-from layervault.client import AgentClient, CheckpointRef, SaveEntry
-from layervault.torch.tensors import TensorSource, whole_layout
-from layervault.proto import manifest_pb2
-
-class Stalled(TensorSource):
-    def copy_to(self, offset, dst):
-        super().copy_to(offset, dst)
-        print("staging", flush=True)
-        time.sleep(600)
-
-t = torch.ones(1 << 20)
-AgentClient(sys.argv[1]).save(CheckpointRef("stalled", "model", 1), rank=0, world_size=1,
-                              config=manifest_pb2.Config(name="x"), keys={}, extra={},
-                              entries=[SaveEntry("w", whole_layout(t), Stalled(t))])
-'''
 
 
 @pytest.mark.s3
