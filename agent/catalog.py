@@ -14,7 +14,7 @@ from typing import Iterator, Mapping
 from layervault.agent import keys
 from layervault.agent.manifest import Manifest, decode_manifest, matches
 from layervault.agent.storage import ObjectNotFound, ObjectStore
-from layervault.errors import InvalidArgumentError, NotFoundError
+from layervault.errors import InvalidArgumentError, ManifestError, NotFoundError
 
 
 class Catalog:
@@ -42,6 +42,11 @@ class Catalog:
             manifest = decode_manifest(self.store.get(key), source=f"{self.store.url}/{key}")
         except ObjectNotFound as exc:
             raise NotFoundError(f"no manifest at {self.store.url}/{key}") from exc
+        named = keys.parse_manifest_key(key)
+        if named is not None and named != (manifest.job, manifest.kind, manifest.step):
+            # A manifest copied or edited into another checkpoint's place must not pass for that checkpoint.
+            raise ManifestError(f"{self.store.url}/{key}: records {manifest.job}/{manifest.kind} step {manifest.step}, "
+                                f"not the checkpoint its key names")
         with self._lock:
             self._cache[key] = manifest
         return manifest

@@ -10,6 +10,12 @@ only the old one referred to, so a reader always sees one complete version.
 Pending attempts are kept in memory only; the catalog in storage is the truth, so a
 restarted coordinator loses nothing committed. An attempt it forgot cannot commit: its
 waiters get an error that names the ranks that did not report.
+
+A job that dies mid-save leaves its attempt pending until the commit timeout. Each rank's
+BeginSave names the job's *incarnation* (one id per run of the job, shared by its ranks), so
+the restarted job's first rank supersedes the dead run's attempt instead of joining it; a
+rank joining by rank number alone would be orphaned as soon as a rank the dead run had
+begun came back. Without incarnations (older clients) ranks join by rank number.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ import threading
 import time
 import uuid
 
-from layervault.agent import keys
+from layervault.agent import attempt_cleanup, keys
 from layervault.agent.catalog import Catalog
+from layervault.agent.coordinator_lifecycle import CoordinatorLifecycle, InFlight
 from layervault.agent.manifest import FORMAT_VERSION, Manifest, checkpoint_info, encode_manifest, now_rfc3339
-from layervault.agent.storage import ObjectNotFound, ObjectStore
+from layervault.agent.metrics import CoordinatorMetrics
+from layervault.agent.retention import Retention
+from layervault.agent.storage import ObjectNotFound, ObjectStore, StorageError
 from layervault.errors import (
     AlreadyExistsError,
     DeadlineError,
@@ -57,6 +66,13 @@ class PendingSave:
     committing: bool = False
     needs_seal: bool = False
     seal: coordinator_pb2.SealSaveRequest | None = None
+    base: tuple[int, str] | None = None       # incremental: (step, save_id) of the committed base
+    retention: Retention | None = None        # the job's policy, applied after the commit
+    incarnation: str = ""                     # the run of the job that opened it; empty: unknown
+
+    def reply(self) -> coordinator_pb2.BeginSaveReply:
+        base_step, base_save_id = self.base or (0, "")
+        return coordinator_pb2.BeginSaveReply(save_id=self.save_id, base_step=base_step, base_save_id=base_save_id)
 
     def ready(self) -> bool:
         """Every rank reported, and the seal is in if one is needed."""
@@ -67,6 +83,33 @@ class PendingSave:
     def label(self) -> str:
         job, kind, step = self.key
         return f"{job}/{kind}/step {step}"
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """The attempt's context for structured log lines (see :mod:`layervault.agent.logs`)."""
+        job, kind, step = self.key
+        return {"job": job, "kind": kind, "step": step, "save_id": self.save_id}
+
+    def open(self) -> bool:
+        """Neither committed nor failed: ranks may still join it."""
+        return self.error is None and self.info is None
+
+    def superseded_by(self, req: coordinator_pb2.BeginSaveRequest) -> str:
+        """Why ``req`` must start a new attempt instead of joining this one; empty: it joins.
+
+        Raises IncompatibleStateError for a rank of the same run with another world size.
+        """
+        if req.incarnation and self.incarnation and req.incarnation != self.incarnation:
+            return f"superseded: the job restarted (incarnation {self.incarnation} -> {req.incarnation})"
+        if self.world_size != req.world_size:
+            raise IncompatibleStateError(
+                f"{self.label}: rank {req.rank} saves with world size {req.world_size}, "
+                f"but the attempt in progress has world size {self.world_size}"
+            )
+        if req.rank in self.begun or self.needs_seal != req.needs_seal:
+            # The same rank starts again: a retry (or a restart without incarnations).
+            return f"superseded by a new save attempt (rank {req.rank} began again)"
+        return ""
 
     def missing(self) -> str:
         ranks = [r for r in range(self.world_size) if r not in self.reports]
@@ -89,49 +132,57 @@ def _key(checkpoint: common_pb2.CheckpointId) -> CheckpointKey:
 class CommitCoordinator:
     """Tracks pending saves and commits them; all methods are thread-safe."""
 
-    def __init__(self, store: ObjectStore, catalog: Catalog, commit_timeout: float = 600.0) -> None:
+    def __init__(self, store: ObjectStore, catalog: Catalog, commit_timeout: float = 600.0,
+                 metrics: CoordinatorMetrics | None = None, retention: Retention | None = None) -> None:
+        self.metrics = metrics or CoordinatorMetrics()
         self.store = store
         self.catalog = catalog
         self.commit_timeout = commit_timeout
         self._pending: dict[CheckpointKey, PendingSave] = {}
         self._cond = threading.Condition()
+        self.lifecycle = CoordinatorLifecycle(store, catalog, self.in_flight, retention)
 
     # -- protocol steps ------------------------------------------------------------------------
 
-    def begin(self, req: coordinator_pb2.BeginSaveRequest) -> str:
+    def begin(self, req: coordinator_pb2.BeginSaveRequest) -> coordinator_pb2.BeginSaveReply:
         key = _key(req.id)
         if req.world_size < 1 or not 0 <= req.rank < req.world_size:
             raise InvalidArgumentError(f"rank {req.rank} is not within world size {req.world_size}")
         with self._cond:
             self._expire_locked()
-            pending = self._pending.get(key)
-            if pending and pending.error is None and pending.info is None:
-                if pending.world_size != req.world_size:
-                    raise IncompatibleStateError(
-                        f"{pending.label}: rank {req.rank} saves with world size {req.world_size}, "
-                        f"but the attempt in progress has world size {pending.world_size}"
-                    )
-                if req.rank not in pending.begun and pending.needs_seal == req.needs_seal:
+            pending = self._settled_locked(key)
+            if pending and pending.open():
+                reason = pending.superseded_by(req)
+                if not reason:
                     pending.begun[req.rank] = req.agent_id
-                    return pending.save_id
-                # The same rank starts again: its job restarted. The old attempt can never finish.
-                self._fail_locked(pending, SaveFailedError(f"{pending.label}: superseded by a new save attempt"))
+                    return pending.reply()
+                # The old attempt can never finish: its run is gone, or this rank left it.
+                self._fail_locked(pending, SaveFailedError(f"{pending.label}: {reason}"))
             manifest_key = keys.manifest_key(*key)
         if not req.overwrite and self.store.exists(manifest_key):
             raise AlreadyExistsError(
                 f"checkpoint {key[0]}/{key[1]} step {key[2]} is already committed; pass overwrite=True to replace it"
             )
+        base = self.lifecycle.choose_base(*key) if req.incremental else None
+        retention = Retention.from_proto(req.retention) if req.HasField("retention") else None
         with self._cond:
-            pending = self._pending.get(key)
-            if pending and pending.error is None and pending.info is None and req.rank not in pending.begun:
-                pending.begun[req.rank] = req.agent_id  # another rank opened it meanwhile
-                return pending.save_id
+            pending = self._settled_locked(key)
+            if pending and pending.open():  # another rank opened one meanwhile
+                reason = pending.superseded_by(req)
+                if not reason:
+                    pending.begun[req.rank] = req.agent_id
+                    return pending.reply()
+                self._fail_locked(pending, SaveFailedError(f"{pending.label}: {reason}"))
             pending = PendingSave(key, uuid.uuid4().hex[:12], req.world_size, req.overwrite, time.monotonic(),
-                                  needs_seal=req.needs_seal)
+                                  needs_seal=req.needs_seal, base=base, retention=retention,
+                                  incarnation=req.incarnation)
             pending.begun[req.rank] = req.agent_id
             self._pending[key] = pending
-            log.info("save %s opened: attempt %s, world size %d", pending.label, pending.save_id, req.world_size)
-            return pending.save_id
+            self.metrics.saves_started.inc()
+            log.info("save %s opened: attempt %s, world size %d, incarnation %s", pending.label, pending.save_id,
+                     req.world_size, req.incarnation or "-",
+                     extra={**pending.log_fields, "rank": req.rank, "agent": req.agent_id})
+            return pending.reply()
 
     def report(self, req: coordinator_pb2.ReportShardsRequest) -> None:
         key = _key(req.id)
@@ -142,6 +193,9 @@ class CommitCoordinator:
             if req.world_size != pending.world_size or not 0 <= req.rank < pending.world_size:
                 raise IncompatibleStateError(f"{pending.label}: report from rank {req.rank} of {req.world_size} does not fit world size {pending.world_size}")
             pending.reports[req.rank] = req
+            log.info("save %s: rank %d reported durable shards (%d of %d ranks)", pending.label, req.rank,
+                     len(pending.reports), pending.world_size,
+                     extra={**pending.log_fields, "rank": req.rank, "agent": req.agent_id})
             ready = pending.ready()
             if ready:
                 pending.committing = True
@@ -201,7 +255,38 @@ class CommitCoordinator:
             raise SaveFailedError(f"{key[0]}/{key[1]} step {key[2]}: attempt {req.save_id} was not committed (another attempt was)")
         return checkpoint_info(manifest, manifest_key)
 
+    def pending_count(self) -> int:
+        """Attempts open and not yet decided (committed or failed)."""
+        with self._cond:
+            return sum(1 for p in self._pending.values() if p.info is None and p.error is None)
+
+    def in_flight(self, job: str = "") -> InFlight:
+        """What undecided attempts of ``job`` (all jobs when empty) hold on to: their steps, their
+        bases and the objects their reports name. Deletes spare all of it."""
+        held = InFlight()
+        with self._cond:
+            for pending in self._pending.values():
+                (pjob, kind, step) = pending.key
+                if (job and pjob != job) or pending.info is not None or pending.error is not None:
+                    continue
+                held.steps.add((kind, step))
+                held.attempts.add((pjob, kind, step, pending.save_id))
+                if pending.base is not None:
+                    held.steps.add((kind, pending.base[0]))
+                for report in pending.reports.values():
+                    held.borrowed.update(c.key for s in report.shards for c in s.chunks)
+        return held
+
     # -- internals ---------------------------------------------------------------------------
+
+    def _settled_locked(self, key: CheckpointKey) -> PendingSave | None:
+        """The attempt of ``key``, once any manifest write of it in progress has ended: failing
+        an attempt while it commits would delete the objects its manifest names."""
+        pending = self._pending.get(key)
+        while pending is not None and pending.committing and pending.open():
+            self._cond.wait(1.0)
+            pending = self._pending.get(key)
+        return pending
 
     def _attempt_locked(self, key: CheckpointKey, save_id: str) -> PendingSave:
         pending = self._pending.get(key)
@@ -215,7 +300,8 @@ class CommitCoordinator:
     def _fail_locked(self, pending: PendingSave, error: LayervaultError) -> None:
         if pending.error is None and pending.info is None:
             pending.error = error
-            log.warning("save %s failed: %s", pending.label, error)
+            self.metrics.saves_failed.inc()
+            log.warning("save %s failed: %s", pending.label, error, extra=pending.log_fields)
             self._cond.notify_all()
             threading.Thread(target=self._delete_attempt_objects, args=(pending,), daemon=True).start()
 
@@ -233,6 +319,7 @@ class CommitCoordinator:
         job, kind, step = pending.key
         try:
             manifest = self._build_manifest(pending)
+            self.lifecycle.check_base(manifest, pending.base, pending.label)
             manifest_key = keys.manifest_key(job, kind, step)
             previous = None
             data = encode_manifest(manifest)
@@ -242,8 +329,8 @@ class CommitCoordinator:
                 except NotFoundError:
                     previous = None
                 self.store.put(manifest_key, data)
-            elif not self.store.put_if_absent(manifest_key, data):
-                raise AlreadyExistsError(f"{pending.label} was committed by another attempt meanwhile")
+            else:
+                self._create_manifest(pending, manifest_key, data)
             self.catalog.forget(manifest_key)
             self._move_latest(job, kind, step, manifest_key)
             info = checkpoint_info(manifest, manifest_key)
@@ -258,9 +345,13 @@ class CommitCoordinator:
         with self._cond:
             pending.info = info
             self._cond.notify_all()
-        log.info("committed %s: %d shards, %d bytes stored", pending.label, len(manifest.shards), info.stored_bytes)
+        self.metrics.saves_committed.inc()
+        self.metrics.commit_seconds.observe(time.monotonic() - pending.started)
+        log.info("committed %s: %d shards, %d bytes stored", pending.label, len(manifest.shards), info.stored_bytes,
+                 extra=pending.log_fields)
         if previous is not None:
-            self._delete_unreferenced(previous, manifest)
+            self.lifecycle.release_replaced(previous, manifest)
+        self.lifecycle.after_commit(job, kind, pending.retention)
 
     def _build_manifest(self, pending: PendingSave) -> Manifest:
         job, kind, step = pending.key
@@ -286,29 +377,40 @@ class CommitCoordinator:
                 manifest.shards.append(shard)
         return manifest
 
-    def _move_latest(self, job: str, kind: str, step: int, manifest_key: str) -> None:
-        latest = keys.latest_key(job, kind)
-        try:
-            current = json.loads(self.store.get(latest)).get("step", -1)
-        except (ObjectNotFound, ValueError):
-            current = -1
-        if step >= current:
-            self.store.put(latest, json.dumps({"step": step, "manifest": manifest_key}).encode())
+    def _create_manifest(self, pending: PendingSave, manifest_key: str, data: bytes) -> None:
+        """The create-only manifest write: the commit itself.
 
-    def _delete_unreferenced(self, old: Manifest, new: Manifest) -> None:
-        keep = {c.key for s in new.shards for c in s.chunks}
-        stale = [c.key for s in old.shards for c in s.chunks if c.key not in keep]
-        try:
-            self.store.delete(stale)
-        except Exception:  # noqa: BLE001 - garbage left behind is harmless; gc can collect it
-            log.exception("could not delete %d objects of the overwritten %s/%s step %d", len(stale), old.job, old.kind, old.step)
-
-    def _delete_attempt_objects(self, pending: PendingSave) -> None:
-        """Best-effort removal of a failed attempt's chunk objects (its save_id is in their names)."""
+        A write whose every try failed may still have landed (a lost reply): then the
+        manifest in storage names this attempt, and the save is committed, not failed.
+        """
         job, kind, step = pending.key
         try:
-            prefix = keys.step_prefix(job, kind, step)
-            doomed = [k for k in self.store.list(prefix) if k.rsplit("/", 1)[-1].startswith(pending.save_id + ".")]
-            self.store.delete(doomed)
+            created = self.store.put_if_absent(manifest_key, data)
+        except StorageError:
+            if not attempt_cleanup.is_committed(self.store, job, kind, step, pending.save_id):
+                raise
+            created = True
+        if not created:
+            raise AlreadyExistsError(f"{pending.label} was committed by another attempt meanwhile")
+
+    def _move_latest(self, job: str, kind: str, step: int, manifest_key: str) -> None:
+        """Move the ``latest`` hint. The manifest is the commit and listing finds it, so a
+        storage failure here is logged, never turned into a failed save."""
+        latest = keys.latest_key(job, kind)
+        try:
+            try:
+                current = json.loads(self.store.get(latest)).get("step", -1)
+            except (ObjectNotFound, ValueError):
+                current = -1
+            if step >= current:
+                self.store.put(latest, json.dumps({"step": step, "manifest": manifest_key}).encode())
+        except StorageError as exc:
+            log.warning("%s/%s step %d is committed, but the latest pointer was not moved: %s", job, kind, step, exc)
+
+    def _delete_attempt_objects(self, pending: PendingSave) -> None:
+        """Best-effort removal of a failed attempt's chunk objects and open multipart uploads
+        (see :mod:`layervault.agent.attempt_cleanup`; agents sweep their stragglers)."""
+        try:
+            attempt_cleanup.delete_attempt(self.store, *pending.key, pending.save_id)
         except Exception:  # noqa: BLE001
             log.exception("could not clean up failed attempt %s of %s", pending.save_id, pending.label)

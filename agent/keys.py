@@ -47,16 +47,36 @@ def check_step(step: int) -> int:
 
 
 def layer_segment(name: str) -> str:
-    """One key segment for a layer name: percent-encoded, never '.', '..' or over-long."""
+    """One key segment for a layer name: percent-encoded, never '.', '..' or over-long.
+
+    Only ``[A-Za-z0-9_.-]`` and ``%XX`` escapes appear, plus one ``~`` before the digest of
+    a name too long to encode whole; ``~`` itself and a leading ``.`` are escaped, so the
+    segment is never hidden (``.tmp-*`` is the local store's temporary-file form) and a
+    short name can never spell another name's hashed segment.
+    """
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"invalid layer name {name!r}: must be a non-empty string")
-    seg = urllib.parse.quote(name, safe="")
-    if seg in (".", ".."):
-        seg = seg.replace(".", "%2E")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"invalid layer name {name!r}: not valid Unicode (lone surrogate)") from None
+    seg = urllib.parse.quote(raw, safe="").replace("~", "%7E")
+    if seg.startswith("."):
+        seg = "%2E" + seg[1:]
     if len(seg) > _MAX_SEGMENT:
-        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        seg = seg[:_MAX_SEGMENT - 18].rstrip("%") + "~" + digest
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        head = seg[:_MAX_SEGMENT - 18]
+        cut = head.rfind("%", len(head) - 2)
+        seg = (head[:cut] if cut >= 0 else head) + "~" + digest  # never a broken %XX escape
     return seg
+
+
+def layer_name_of_segment(segment: str) -> str | None:
+    """The layer name a :func:`layer_segment` encodes; None for a hashed (over-long) name,
+    which only the manifest records. For people and tools reading storage listings."""
+    if "~" in segment:
+        return None
+    return urllib.parse.unquote(segment, errors="strict")
 
 
 def kind_prefix(job: str, kind: str) -> str:
@@ -92,3 +112,14 @@ def parse_manifest_key(key: str) -> tuple[str, str, int] | None:
     if not stem.isdigit() or parts[1] not in KINDS:
         return None
     return parts[0], parts[1], int(stem)
+
+
+def parse_chunk_key(key: str) -> tuple[str, str, int, str] | None:
+    """(job, kind, step, save_id) for a chunk object key, None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 6 or parts[1] not in KINDS or parts[3] != "layers" or not parts[2].isdigit():
+        return None
+    save_id, dot, rest = parts[5].partition(".")
+    if not dot or not rest.startswith("r"):
+        return None
+    return parts[0], parts[1], int(parts[2]), save_id

@@ -16,6 +16,10 @@ from typing import Any, Mapping
 
 from google.protobuf import json_format
 
+from layervault.agent import keys as key_rules
+from layervault.agent.codecs import CodecChain
+from layervault.agent.storage.base import check_key
+from layervault.dtypes import ITEMSIZE
 from layervault.errors import InvalidArgumentError, ManifestError
 from layervault.proto import common_pb2, manifest_pb2
 
@@ -45,6 +49,20 @@ def encode_keys(keys: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def check_json_map(values: Mapping[str, str], what: str, scalars: bool = True) -> None:
+    """Refuse a map of JSON texts (training keys: JSON ``scalars``) that a reader could not parse."""
+    for name, text in values.items():
+        if not name:
+            raise InvalidArgumentError(f"{what} names must be non-empty")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise InvalidArgumentError(f"{what} {name!r} is not JSON text: {text[:80]!r}") from None
+        if scalars and (value is None or isinstance(value, (list, dict)) or value != value
+                        or value in (float("inf"), float("-inf"))):
+            raise InvalidArgumentError(f"{what} {name!r} must be a finite JSON number, string or boolean, got {text[:80]!r}")
+
+
 def decode_keys(keys: Mapping[str, str]) -> dict[str, Any]:
     return {name: json.loads(text) for name, text in keys.items()}
 
@@ -61,8 +79,8 @@ def decode_manifest(data: bytes, source: str = "manifest") -> Manifest:
     """Parse and validate a stored manifest; ManifestError says what is wrong and where."""
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested arrays or objects
+        raise ManifestError(f"{source}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{source}: expected a JSON object")
     version = doc.get("format_version")
@@ -78,10 +96,36 @@ def decode_manifest(data: bytes, source: str = "manifest") -> Manifest:
 
 
 def validate_manifest(manifest: Manifest, source: str = "manifest") -> None:
-    """Structural checks a reader relies on: every shard's chunks tile its raw bytes."""
+    """Structural checks a reader relies on, so a damaged or hostile manifest is refused here,
+    naming what is wrong, and never reaches a reader as a crash or a read outside its job.
+
+    Identity (valid job, kind and step), training keys that parse as JSON scalars,
+    per shard: a rank inside the world, a known dtype, a layout whose byte count is its raw
+    size, codecs this reader knows, chunk keys below the job's folder, and chunks that tile
+    the raw bytes.
+    """
+    try:
+        key_rules.check_job(manifest.job)
+        key_rules.check_kind(manifest.kind)
+        key_rules.check_step(manifest.step)
+        check_json_map(manifest.keys, "training key")
+    except InvalidArgumentError as exc:
+        raise ManifestError(f"{source}: {exc}") from None
     if manifest.world_size < 1:
         raise ManifestError(f"{source}: world_size must be >= 1")
+    job_folder = f"{manifest.job}/"
     for shard in manifest.shards:
+        where = f"{source}: layer {shard.name!r} (rank {shard.rank})"
+        if not 0 <= shard.rank < manifest.world_size:
+            raise ManifestError(f"{where}: rank is not within world size {manifest.world_size}")
+        _check_layout(shard, where)
+        try:
+            CodecChain(list(shard.codec))
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
+        for chunk in shard.chunks:
+            if not chunk.key.startswith(job_folder) or not _safe_key(chunk.key):
+                raise ManifestError(f"{where}: chunk key {chunk.key!r} is not an object of job {manifest.job!r}")
         position = 0
         for chunk in shard.chunks:
             if chunk.raw_offset != position or chunk.raw_size < 0 or chunk.stored_size < 0:
@@ -89,6 +133,29 @@ def validate_manifest(manifest: Manifest, source: str = "manifest") -> None:
             position += chunk.raw_size
         if position != shard.raw_bytes:
             raise ManifestError(f"{source}: layer {shard.name!r}: chunks hold {position} bytes, expected {shard.raw_bytes}")
+
+
+def _check_layout(shard: manifest_pb2.ShardRecord, where: str) -> None:
+    layout = shard.layout
+    if layout.dtype not in ITEMSIZE:
+        raise ManifestError(f"{where}: unknown dtype {layout.dtype!r}")
+    shape, offsets, full = list(layout.local_shape), list(layout.offsets), list(layout.global_shape)
+    if not len(shape) == len(offsets) == len(full) or any(
+            d < 0 or o < 0 or o + d > g for d, o, g in zip(shape, offsets, full)):
+        raise ManifestError(f"{where}: shard {shape} at {offsets} does not fit in global shape {full}")
+    nbytes = ITEMSIZE[layout.dtype]
+    for d in shape:
+        nbytes *= d
+    if nbytes != shard.raw_bytes or shard.stored_bytes < 0:
+        raise ManifestError(f"{where}: {layout.dtype}{shape} holds {nbytes} bytes, but the record says {shard.raw_bytes}")
+
+
+def _safe_key(key: str) -> bool:
+    try:
+        check_key(key)
+        return True
+    except ValueError:
+        return False
 
 
 def checkpoint_info(manifest: Manifest, manifest_key: str) -> common_pb2.CheckpointInfo:

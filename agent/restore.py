@@ -9,6 +9,7 @@ layer and object - never silently wrong weights.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from concurrent.futures import Executor, Future
 from typing import Iterator
 
@@ -17,7 +18,7 @@ from layervault.agent.codecs import CodecChain, CodecError
 from layervault.agent.manifest import Manifest
 from layervault.agent.restore_cache import ChunkCache
 from layervault.agent.storage import ObjectNotFound, ObjectStore
-from layervault.errors import ChecksumError, InvalidArgumentError, NotFoundError
+from layervault.errors import ChecksumError, DeadlineError, InvalidArgumentError, NotFoundError
 from layervault.proto import agent_pb2, manifest_pb2
 
 
@@ -77,9 +78,33 @@ def fetch_chunk(store: ObjectStore, manifest: Manifest, shard: manifest_pb2.Shar
     return data
 
 
+class FetchSlots:
+    """How many chunks all restores of one agent may hold at once: fetching, decoded, or not yet
+    handed to their rank. A stream's own ``window`` bounds one restore; only this agent-wide
+    count keeps restore memory at ``slots x chunk`` however many ranks restore at the same time."""
+
+    def __init__(self, slots: int, timeout: float | None = None) -> None:
+        self._free = threading.BoundedSemaphore(slots)
+        self.slots = slots
+        self.timeout = timeout
+
+    def take(self, wait: bool) -> bool:
+        """One slot; without ``wait``, False when none is free (with it, DeadlineError after ``timeout``)."""
+        if not wait:
+            return self._free.acquire(blocking=False)
+        if not self._free.acquire(timeout=self.timeout):
+            raise DeadlineError(f"all {self.slots} restore slots of the agent stayed taken for {self.timeout:.0f}s "
+                                "(other restores are not reading their chunks)")
+        return True
+
+    def give(self) -> None:
+        self._free.release()
+
+
 def fetch_spans(store: ObjectStore, manifest: Manifest, spans: list[ShardSpan], executor: Executor,
-                cache: ChunkCache | None = None, window: int = 16) -> Iterator[DecodedChunk]:
-    """Decoded chunks overlapping ``spans`` (each chunk once), at most ``window`` fetches in flight."""
+                cache: ChunkCache | None = None, window: int = 16, slots: FetchSlots | None = None) -> Iterator[DecodedChunk]:
+    """Decoded chunks overlapping ``spans`` (each chunk once), at most ``window`` fetches in flight,
+    each holding one of ``slots`` until the caller asks for the next chunk."""
     work, seen = [], set()
     for span in spans:
         shard = manifest.shards[span.shard]
@@ -96,16 +121,22 @@ def fetch_spans(store: ObjectStore, manifest: Manifest, spans: list[ShardSpan], 
 
     in_flight: list[tuple[int, int, Future]] = []
     position = 0
-    while position < len(work) or in_flight:
-        while position < len(work) and len(in_flight) < window:
-            index, shard, chunk = work[position]
-            in_flight.append((index, chunk.raw_offset, executor.submit(fetch, shard, chunk)))
-            position += 1
-        index, offset, future = in_flight.pop(0)
-        try:
-            data = future.result()
-        except BaseException:
-            for _, _, other in in_flight:
-                other.cancel()
-            raise
-        yield DecodedChunk(index, offset, data)
+    try:
+        while position < len(work) or in_flight:
+            while position < len(work) and len(in_flight) < window:
+                if slots is not None and not slots.take(wait=not in_flight):
+                    break  # the agent's restores hold every slot: go on with the chunks this one has
+                index, shard, chunk = work[position]
+                in_flight.append((index, chunk.raw_offset, executor.submit(fetch, shard, chunk)))
+                position += 1
+            index, offset, future = in_flight.pop(0)
+            try:
+                yield DecodedChunk(index, offset, future.result())
+            finally:
+                if slots is not None:
+                    slots.give()
+    finally:  # failed or abandoned: drop what is still in flight
+        for _, _, other in in_flight:
+            other.cancel()
+            if slots is not None:
+                slots.give()

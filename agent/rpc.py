@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import grpc
 
+from layervault.agent import redact
 from layervault.agent.storage import ObjectNotFound, StorageError
 from layervault.errors import LayervaultError
 
@@ -32,6 +33,36 @@ CHANNEL_OPTIONS = [
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status for ``exc``; its message never carries a storage credential to the caller."""
+    code, message = _classify(exc)
+    return code, clip_details(redact.scrub(message))
+
+
+#: Status details travel percent-encoded in a trailer; past gRPC's 8 KiB metadata limit the
+#: caller would get RESOURCE_EXHAUSTED "Stream removed" instead of the status (a message that
+#: quotes a 5000-character layer name does that), so details are cut well below it.
+MAX_DETAILS_ENCODED = 4096
+
+
+def clip_details(message: str, limit: int = MAX_DETAILS_ENCODED) -> str:
+    """``message`` with its middle cut out so that its percent-encoded form stays within
+    ``limit`` bytes: the start says what and where, the end usually says why."""
+    sizes = [1 if " " <= c <= "~" and c != "%" else 3 * len(c.encode("utf-8", "replace")) for c in message]
+    if sum(sizes) <= limit:
+        return message
+    budget = limit - 64  # room for the note
+    head, used = 0, 0
+    while used + sizes[head] <= budget // 3:
+        used += sizes[head]
+        head += 1
+    tail = len(message)
+    while used + sizes[tail - 1] <= budget:
+        tail -= 1
+        used += sizes[tail]
+    return f"{message[:head]} ...[{tail - head} characters cut]... {message[tail:]}"
+
+
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, LayervaultError):
         return exc.code, str(exc)
     if isinstance(exc, ObjectNotFound):

@@ -13,12 +13,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from concurrent.futures import Executor
 from typing import Callable
 
 from layervault.agent import keys
 from layervault.agent.checksum import crc32c
 from layervault.agent.codecs import CodecChain, choose_chain
+from layervault.agent.incremental import DIGEST_ALGORITHM, ReuseIndex, chunk_digest, shard_digest
+from layervault.agent.journal import DurableChunk, JournalFile, SaveJournal, StagedPiece, pending_pieces
+from layervault.agent.manifest import check_json_map
+from layervault.config import COMPRESSORS
+from layervault.agent.metrics import AgentMetrics
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
 from layervault.dtypes import itemsize_of
@@ -47,6 +53,9 @@ class EntryState:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     staged: int = 0
     stored: int = 0
+    base: manifest_pb2.ShardRecord | None = None  # incremental: the base's shard of the same identity
+    reused: int = 0                               # raw bytes referenced from the base, not uploaded
+    index: int = 0                                # position in the open message
 
 
 def validate_open(open_msg: agent_pb2.SaveOpen) -> None:
@@ -77,6 +86,14 @@ def validate_open(open_msg: agent_pb2.SaveOpen) -> None:
         if spec.nbytes != expected:
             raise InvalidArgumentError(
                 f"{label}: entry {spec.name!r} declares {spec.nbytes} bytes, but {layout.dtype}{shape} holds {expected}")
+    compressor = open_msg.config.compressor
+    if compressor and compressor not in COMPRESSORS:
+        raise InvalidArgumentError(f"{label}: unknown compressor {compressor!r}; choose one of {', '.join(COMPRESSORS)}")
+    # Training keys land in the manifest, where every reader parses them as JSON scalars.
+    try:
+        check_json_map(open_msg.keys, "training key")
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{label}: {exc}") from None
 
 
 class SaveSession:
@@ -91,6 +108,9 @@ class SaveSession:
         executor: Executor,
         chunk_size: int,
         on_done: Callable[["SaveSession"], None],
+        metrics: AgentMetrics | None = None,
+        journal: JournalFile | None = None,
+        reuse: ReuseIndex | None = None,
     ) -> None:
         self.open = open_msg
         self.id = open_msg.id
@@ -102,6 +122,11 @@ class SaveSession:
         self.chunk_size = chunk_size
         self._on_done = on_done
         self.entries = [EntryState(spec) for spec in open_msg.entries]
+        # Incremental mode: digest every chunk; reference the base's chunks that match.
+        self.reuse = reuse if reuse is not None else (ReuseIndex() if open_msg.incremental else None)
+        if self.reuse is not None:
+            for state in self.entries:
+                state.base = self.reuse.shard(state.spec)
         self._reservations: list[Reservation] = []
         self._pending_chunks = 0
         self._finished = False   # the rank sent Finish
@@ -109,10 +134,28 @@ class SaveSession:
         self.error: LayervaultError | None = None
         self._cond = threading.Condition()
         self._chunk_counter = 0
+        self.metrics = metrics
+        self.log = logging.LoggerAdapter(log, self.log_fields)
+        for index, state in enumerate(self.entries):
+            state.index = index
+        # Resume after an agent restart (agent/journal.py): where the pieces lie, which chunks are durable.
+        self.journal = journal
+        self._pieces: list[StagedPiece] = []
+        self._durable_offsets: set[tuple[int, int]] = set()  # (entry, raw_offset) already in storage
 
     @property
     def label(self) -> str:
         return f"{self.id.job}/{self.id.kind}/step {self.id.step} rank {self.rank}"
+
+    @property
+    def log_fields(self) -> dict[str, object]:
+        """The save's context for structured log lines (see :mod:`layervault.agent.logs`)."""
+        return {"job": self.id.job, "kind": self.id.kind, "step": self.id.step, "rank": self.rank, "save_id": self.save_id}
+
+    @property
+    def pending_chunks(self) -> int:
+        """Staged pieces and chunks not yet durable: this session's part of the upload queue."""
+        return self._pending_chunks
 
     # -- hand-off ---------------------------------------------------------------------------
 
@@ -163,6 +206,7 @@ class SaveSession:
                 f"{self.label}: hand-off finished with incomplete entries: {', '.join(missing[:5])}"
                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             )
+        self._write_journal()
         with self._cond:
             self._seal_all_locked()
             self._finished = True
@@ -178,14 +222,67 @@ class SaveSession:
             self._seal_all_locked()
         self._maybe_complete()
 
+    # -- journal: resuming after an agent restart (see agent/journal.py) ---------------------------
+
+    def _write_journal(self) -> None:
+        """Record the finished hand-off, before the rank hears it is done (no-op without a journal)."""
+        if self.journal is None or self.journal.active:
+            return
+        with self._cond:  # chunks durable before this are in the snapshot, those after it are logged
+            if self.error is not None or not self.journal.start_log():
+                return
+            durable = [DurableChunk(s.index, tuple(s.chain or ()), ref) for s in self.entries for ref in s.chunks]
+            pieces = list(self._pieces)
+        self.journal.write(SaveJournal(self.open, self.save_id, str(self.pool.path), self.pool.size,
+                                       self.chunk_size, pieces), durable)
+
+    def resume(self, plan: SaveJournal, durable: list[DurableChunk]) -> int:
+        """Finish a save that an earlier agent process journaled: keep its durable chunks, cut the
+        rest from its pool (``self.pool``) under chunk indices no earlier process used.
+        Returns the number of pieces that still had chunks to upload."""
+        for chunk in durable:
+            where = (chunk.entry, chunk.ref.raw_offset)
+            if where not in self._durable_offsets:
+                self._durable_offsets.add(where)
+                state = self.entries[chunk.entry]
+                state.chain = list(chunk.chain)
+                state.chunks.append(chunk.ref)
+                state.stored += chunk.ref.stored_size
+        self._chunk_counter = plan.generation * plan.chunk_count()
+        todo = pending_pieces(plan, durable)
+        for piece in plan.pieces:
+            state = self.entries[piece.entry]
+            with self._cond:
+                state.ranges.append((piece.entry_offset, piece.length))
+                state.staged += piece.length
+                self._pieces.append(piece)
+        for piece in todo:
+            reservation = Reservation(piece.pool_offset, piece.length, pending=1, sealed=True)
+            with self._cond:
+                self._reservations.append(reservation)
+                self._pending_chunks += 1
+            self.executor.submit(self._plan_piece, self.entries[piece.entry], piece.entry_offset, piece.pool_offset,
+                                 piece.length, reservation)
+        self.finish()
+        return len(todo)
+
+    def close_journal(self) -> None:
+        """The coordinator has this rank's outcome: the save never needs resuming."""
+        if self.journal is not None:
+            self.journal.remove()
+
     # -- internals ---------------------------------------------------------------------------
 
     def _reservation_of(self, offset: int, length: int) -> Reservation:
+        # Only open reservations: a sealed one may be freed (and handed to another rank) the
+        # moment its last chunk is durable, so whether a late piece still found it would be a race.
         with self._cond:
             for reservation in self._reservations:
-                if reservation.offset <= offset and offset + length <= reservation.offset + reservation.length:
+                if (not reservation.sealed and reservation.offset <= offset
+                        and offset + length <= reservation.offset + reservation.length):
                     return reservation
-        raise InvalidArgumentError(f"{self.label}: piece [{offset}, {offset + length}) is outside every reservation of this save")
+        raise InvalidArgumentError(f"{self.label}: piece [{offset}, {offset + length}) is outside every reservation "
+                                   "of this save still open (a Stage closes the reservations granted before it)")
 
     def _check_piece(self, entry: int, entry_offset: int, length: int) -> EntryState:
         if not 0 <= entry < len(self.entries):
@@ -206,18 +303,25 @@ class SaveSession:
                 raise self.error
             state.ranges.append((entry_offset, length))
             state.staged += length
+            self._pieces.append(StagedPiece(entry, entry_offset, pool_offset, length))
             reservation.pending += 1
             self._pending_chunks += 1
+        if self.metrics is not None:
+            self.metrics.received_bytes.inc(length)
         self.executor.submit(self._plan_piece, state, entry_offset, pool_offset, length, reservation)
 
     def _plan_piece(self, state: EntryState, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
         try:
             with state.lock:  # one codec chain per shard, chosen from its first piece
+                if state.chain is None and state.base is not None:
+                    state.chain = list(state.base.codec)  # reused chunks are stored with it
                 if state.chain is None:
                     sample = self.pool.view[pool_offset:pool_offset + min(length, 1 << 18)]
                     state.chain = choose_chain(sample, self.open.config.compressor or "lz4",
                                                itemsize_of(state.spec.layout.dtype))
             for start in range(0, length, self.chunk_size):
+                if (state.index, entry_offset + start) in self._durable_offsets:
+                    continue  # uploaded before the agent restarted
                 n = min(self.chunk_size, length - start)
                 with self._cond:
                     if self.error is not None:
@@ -226,8 +330,17 @@ class SaveSession:
                     self._pending_chunks += 1
                     index = self._chunk_counter
                     self._chunk_counter += 1
-                self.executor.submit(self._upload_chunk, state, state.chain, entry_offset + start,
-                                     pool_offset + start, n, index, reservation)
+                try:
+                    self.executor.submit(self._upload_chunk, state, state.chain, entry_offset + start,
+                                         pool_offset + start, n, index, reservation)
+                except BaseException:
+                    self._chunk_done(reservation)  # the chunk counted above will never run
+                    raise
+        except Exception as exc:  # noqa: BLE001 - nobody reads this future: an error must fail the save, not vanish
+            log.exception("%s: planning the chunks of layer %r failed", self.label, state.spec.name)
+            with self._cond:
+                if self.error is None:
+                    self.error = SaveFailedError(f"{self.label}: layer {state.spec.name!r} could not be chunked: {exc}")
         finally:
             self._chunk_done(reservation)
 
@@ -236,17 +349,33 @@ class SaveSession:
         try:
             if self.error is None:
                 raw = self.pool.view[pool_offset:pool_offset + length]
+                digest = chunk_digest(raw) if self.reuse is not None else b""
+                same = self.reuse.chunk(state.base, entry_offset, length, digest) if state.base is not None else None
+                if same is not None:  # unchanged since the base: reference its object
+                    with self._cond:
+                        state.chunks.append(manifest_pb2.ChunkRef(
+                            key=same.key, raw_offset=entry_offset, raw_size=length, stored_size=same.stored_size,
+                            crc32c=same.crc32c, digest=digest))
+                        state.stored += same.stored_size
+                        state.reused += length
+                    return
                 checksum = crc32c(raw)
                 body = CodecChain(chain).encode(raw) if chain else raw
                 key = keys.chunk_key(self.id.job, self.id.kind, self.id.step, state.spec.name, self.save_id, self.rank, index)
+                started = time.perf_counter()
                 self.store.put(key, body)
+                if self.metrics is not None:
+                    self.metrics.chunk_stored(chain, length, len(body), time.perf_counter() - started)
                 ref = manifest_pb2.ChunkRef(key=key, raw_offset=entry_offset, raw_size=length,
-                                            stored_size=len(body), crc32c=checksum)
+                                            stored_size=len(body), crc32c=checksum, digest=digest)
                 with self._cond:
                     state.chunks.append(ref)
                     state.stored += len(body)
+                    journal = self.journal if self.journal is not None and self.journal.active else None
+                if journal is not None:  # before _chunk_done can free the extent
+                    journal.record(DurableChunk(state.index, tuple(chain), ref))
         except Exception as exc:  # noqa: BLE001 - any failure fails the save, with its cause
-            log.exception("%s: upload of layer %r failed", self.label, state.spec.name)
+            self.log.exception("%s: upload of layer %r failed", self.label, state.spec.name)
             with self._cond:
                 if self.error is None:
                     self.error = SaveFailedError(f"{self.label}: upload of layer {state.spec.name!r} failed: {exc}")
@@ -272,6 +401,8 @@ class SaveSession:
 
     def _release_idle_reservations(self) -> None:
         # caller holds self._cond
+        if self.error is not None and self.journal is not None:
+            self.journal.remove()  # a failed save frees extents whose chunks are not durable: never resume it
         keep = []
         for reservation in self._reservations:
             if reservation.sealed and reservation.pending == 0:
@@ -296,8 +427,12 @@ class SaveSession:
         records = []
         for state in self.entries:
             chunks = sorted(state.chunks, key=lambda c: c.raw_offset)
-            records.append(manifest_pb2.ShardRecord(
+            record = manifest_pb2.ShardRecord(
                 name=state.spec.name, layout=state.spec.layout, rank=self.rank,
                 codec=state.chain or [], chunks=chunks, raw_bytes=state.spec.nbytes, stored_bytes=state.stored,
-            ))
+            )
+            if self.reuse is not None:
+                record.digest_algorithm = DIGEST_ALGORITHM
+                record.digest = shard_digest(chunks)
+            records.append(record)
         return records

@@ -12,17 +12,25 @@ import logging
 import os
 import pathlib
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from layervault.agent.agent_service import AgentService
+from layervault.agent.journal import default_state_dir
 from layervault.agent.coordinator_service import CoordinatorService
+from layervault.agent.retention import Retention
+from layervault.agent.metrics import AgentMetrics, CoordinatorMetrics, MetricsEndpoint, serve_metrics
 from layervault.agent.rpc import SERVER_OPTIONS
+from layervault.agent.security import ServerSecurity
 from layervault.agent.storage import ObjectStore
-from layervault.proto import agent_pb2_grpc, coordinator_pb2_grpc
+from layervault.proto import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("layervault.server")
 
@@ -33,8 +41,20 @@ def default_socket_path() -> str:
 
 
 def default_agent_address() -> str:
-    """Where ranks look for their node's agent: ``LAYERVAULT_AGENT``, else the default socket."""
-    return os.environ.get("LAYERVAULT_AGENT") or f"unix://{default_socket_path()}"
+    """Where ranks look for their node's agent: ``LAYERVAULT_AGENT``; else, in a Ray process
+    with ``layervault ray up`` done, the agent of its Ray node; else the default socket."""
+    return os.environ.get("LAYERVAULT_AGENT") or _ray_agent_address() or f"unix://{default_socket_path()}"
+
+
+def _ray_agent_address() -> str | None:
+    # Only a process that already imported and initialized Ray can be a Ray worker: never
+    # import Ray here (it costs seconds, and most ranks do not use it).
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    from layervault.ray.discovery import deployed_agent_address
+
+    return deployed_agent_address()
 
 
 @dataclasses.dataclass
@@ -44,6 +64,12 @@ class RunningServer:
     tcp_address: str
     service: object
     health: health.HealthServicer
+    metrics: MetricsEndpoint | None = None  # the /metrics HTTP server, when this server runs one
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of the Prometheus endpoint, or empty when metrics are not served."""
+        return self.metrics.address if self.metrics else ""
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Graceful stop: refuse new work, give in-flight calls and (for an agent) uploads
@@ -59,20 +85,37 @@ class RunningServer:
         close = getattr(self.service, "close", None)
         if close:
             close()
+        if self.metrics:
+            self.metrics.close()
 
 
-def _new_server(workers: int) -> tuple[grpc.Server, health.HealthServicer]:
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lv-rpc"), options=SERVER_OPTIONS)
+def _new_server(workers: int, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> tuple[grpc.Server, health.HealthServicer]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lv-rpc"), options=SERVER_OPTIONS,
+                         interceptors=list(interceptors))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
 
 
-def _bind_tcp(server: grpc.Server, host: str, port: int) -> str:
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
-    return f"{host}:{bound}"
+def _enable_reflection(server: grpc.Server, service_name: str) -> None:
+    """Let grpcurl and other tools list and call the services without the .proto files."""
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((service_name, health_name, reflection.SERVICE_NAME), server)
+
+
+def _start_metrics(server: grpc.Server, service: object, registry: CollectorRegistry, host: str,
+                   port: int | None) -> MetricsEndpoint | None:
+    """Serve ``registry`` on ``host:port`` (``None``: not at all); on failure release the gRPC server."""
+    if port is None:
+        return None
+    try:
+        return serve_metrics(registry, host, port)
+    except OSError:
+        server.stop(0)
+        close = getattr(service, "close", None)
+        if close:
+            close()
+        raise
 
 
 def _socket_in_use(path: pathlib.Path) -> bool:
@@ -86,16 +129,29 @@ def _socket_in_use(path: pathlib.Path) -> bool:
             return False
 
 
-def start_coordinator(store: ObjectStore, host: str = "127.0.0.1", port: int = 0, commit_timeout: float = 600.0) -> RunningServer:
-    server, health_servicer = _new_server(64)
-    service = CoordinatorService(store, commit_timeout)
+def start_coordinator(store: ObjectStore, host: str = "127.0.0.1", port: int = 0, commit_timeout: float = 600.0,
+                      security: ServerSecurity = ServerSecurity(), metrics_port: int | None = None,
+                      metrics_registry: CollectorRegistry | None = None, retention: Retention | None = None) -> RunningServer:
+    """``security``: TLS, job tokens, ``insecure`` (see :mod:`layervault.agent.security`).
+    ``retention``: the policy for jobs whose saves bring none (see :mod:`layervault.agent.retention`).
+    ``metrics_port``: serve Prometheus metrics there (0: any free port; None: not served);
+    ``metrics_registry``: record into this registry (``layervault up`` shares one for both roles)."""
+    security.check_listen(host)
+    access = security.access("coordinator")
+    server, health_servicer = _new_server(64, access.interceptors())
+    metrics = CoordinatorMetrics(metrics_registry)
+    service = CoordinatorService(store, commit_timeout, metrics, retention=retention)
+    service.access = access
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
-    address = _bind_tcp(server, host, port)
+    _enable_reflection(server, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name)
+    address = security.bind_tcp(server, host, port)
+    endpoint = _start_metrics(server, service, metrics.registry, host, metrics_port)
     server.start()
     health_servicer.set("layervault.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator listening on %s, storage %s", address, store.url)
-    return RunningServer(server, address, address, service, health_servicer)
+    log.info("coordinator listening on %s, storage %s%s", address, store.url,
+             f", metrics on http://{endpoint.address}/metrics" if endpoint else "")
+    return RunningServer(server, address, address, service, health_servicer, endpoint)
 
 
 def start_agent(
@@ -109,27 +165,48 @@ def start_agent(
     upload_workers: int = 8,
     staging_timeout: float = 600.0,
     cache_bytes: int = 256 << 20,
+    security: ServerSecurity = ServerSecurity(),
+    metrics_port: int | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+    heartbeat_interval: float = 2.0,
+    state_dir: str | None = None,
 ) -> RunningServer:
-    server, health_servicer = _new_server(128)
+    """``security``: TLS for TCP (also the client certificate shown to the coordinator), job
+    tokens, ``insecure``, the unix socket's group (see :mod:`layervault.agent.security`).
+    ``state_dir``: where handed-off saves are journaled so that a restarted agent finishes them
+    (default: beside the socket, see :mod:`layervault.agent.journal`; ``""``: no journals)."""
+    if state_dir is None and socket_path:
+        state_dir = str(default_state_dir(socket_path))
+    security.check_listen(host)
+    security.check_dial(coordinator)
+    if socket_path:  # before the journal puts its folder beside the socket
+        security.prepare_socket_dir(pathlib.Path(socket_path))
+    access = security.access("agent")
+    server, health_servicer = _new_server(128, access.interceptors())
     service = AgentService(store, coordinator, staging_bytes, chunk_size, upload_workers, staging_timeout,
-                           cache_bytes=cache_bytes)
+                           cache_bytes=cache_bytes, security=security, metrics=AgentMetrics(metrics_registry),
+                           heartbeat_interval=heartbeat_interval, state_dir=state_dir or None)
+    security.share_pool(service.pool.path)
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
-    tcp = _bind_tcp(server, host, port)
+    _enable_reflection(server, agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
+    tcp = security.bind_tcp(server, host, port)
     address = tcp
     if socket_path:
         path = pathlib.Path(socket_path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if _socket_in_use(path):
             server.stop(0)
             service.close()
             raise OSError(f"another agent is already listening on {path}; pass --socket to run a second one")
         path.unlink(missing_ok=True)  # a stale socket of a dead agent
-        if server.add_insecure_port(f"unix://{path}") == 0:
-            raise OSError(f"cannot listen on unix socket {path}")
+        security.bind_unix(server, path)
         address = f"unix://{path}"
+    service.resume_saves()  # only now: a second agent on a socket in use must not adopt the first one's saves
+    endpoint = _start_metrics(server, service, service.metrics.registry, host, metrics_port)
     server.start()
     health_servicer.set("layervault.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("agent %s listening on %s and %s, staging %d MiB, storage %s",
-             service.agent_id, address, tcp, staging_bytes >> 20, store.url)
-    return RunningServer(server, address, tcp, service, health_servicer)
+    service.start_heartbeat(address, tcp, endpoint.address if endpoint else "")
+    log.info("agent %s listening on %s and %s, staging %d MiB, storage %s%s",
+             service.agent_id, address, tcp, staging_bytes >> 20, store.url,
+             f", metrics on http://{endpoint.address}/metrics" if endpoint else "", extra={"agent": service.agent_id})
+    return RunningServer(server, address, tcp, service, health_servicer, endpoint)

@@ -7,7 +7,10 @@ resized. Its size is the staging budget: when it is full, ``allocate`` blocks (b
 to the rank) until uploads free space; nothing queues outside it.
 
 The pool is a file in /dev/shm (mode 0600, named after the agent's pid) so ranks can map it
-by path; stale pools of dead agents are removed at start.
+by path; stale pools of dead agents are removed at start, except a pool whose hold link
+(``layervault-hold-*``, a symlink to the folder of the save journals that still need its
+bytes, see :mod:`layervault.agent.journal`) leads to a journal: a restarted agent resumes
+those saves from it.
 """
 
 from __future__ import annotations
@@ -25,24 +28,52 @@ from layervault.errors import DeadlineError, InvalidArgumentError
 ALIGN = 4096
 SHM_DIR = pathlib.Path("/dev/shm")
 POOL_PREFIX = "layervault-pool-"
+HOLD_PREFIX = "layervault-hold-"
+JOURNAL_SUFFIX = ".journal"
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def hold_path(pool_path: pathlib.Path) -> pathlib.Path:
+    """The hold link of a pool: a symlink, beside it, to the folder of the journals that need it."""
+    return pool_path.parent / (HOLD_PREFIX + pool_path.name[len(POOL_PREFIX):])
+
+
+def pool_owner_alive(pool_path: pathlib.Path) -> bool:
+    """Whether the agent process that created this pool (its pid is in the name) still runs."""
+    try:
+        os.kill(int(pool_path.name[len(POOL_PREFIX):].split("-")[0]), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):
+        return True  # not ours to judge
+    return True
+
+
+def pool_is_held(pool_path: pathlib.Path) -> bool:
+    """A save journal still names this pool's bytes (its agent died before they were durable)."""
+    hold = hold_path(pool_path)
+    try:
+        return hold.is_symlink() and any(hold.glob("*" + JOURNAL_SUFFIX))
+    except OSError:
+        return False
+
+
 def remove_stale_pools(shm_dir: pathlib.Path = SHM_DIR) -> list[str]:
-    """Delete pool files whose owning agent process no longer exists."""
+    """Delete pool files whose owning agent process no longer exists and that no journal holds,
+    and hold links whose pool is gone."""
     removed = []
     for path in shm_dir.glob(POOL_PREFIX + "*"):
-        try:
-            pid = int(path.name[len(POOL_PREFIX):].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
-        except (ValueError, PermissionError):
+        if pool_owner_alive(path) or pool_is_held(path):
             continue
+        path.unlink(missing_ok=True)
+        hold_path(path).unlink(missing_ok=True)
+        removed.append(path.name)
+    for hold in shm_dir.glob(HOLD_PREFIX + "*"):
+        if not (shm_dir / (POOL_PREFIX + hold.name[len(HOLD_PREFIX):])).exists():
+            hold.unlink(missing_ok=True)
     return removed
 
 
@@ -165,6 +196,19 @@ class StagingPool:
         except BufferError:
             pass  # a memoryview slice is still alive; the mapping goes with the process
         self.path.unlink(missing_ok=True)
+
+
+def map_pool_readonly(path: str, size: int) -> tuple[mmap.mmap, memoryview]:
+    """Map a dead agent's pool to finish its journaled saves (see :mod:`layervault.agent.resume`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < size:
+            raise InvalidArgumentError(f"pool {path} holds {actual} bytes, its journal expects {size}")
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    return mm, memoryview(mm)
 
 
 def map_pool(path: str, size: int) -> tuple[mmap.mmap, memoryview]:

@@ -115,6 +115,9 @@ class SaveOpen(_message.Message):
     OVERWRITE_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     NEEDS_SEAL_FIELD_NUMBER: _builtins.int
+    INCREMENTAL_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     world_size: _builtins.int
     overwrite: _builtins.bool
@@ -122,6 +125,10 @@ class SaveOpen(_message.Message):
     """false: bytes come as Data messages"""
     needs_seal: _builtins.bool
     """commit only after a Seal (torch.distributed.checkpoint's finish)"""
+    incremental: _builtins.bool
+    """reference unchanged chunks of the job's newest checkpoint instead of uploading"""
+    incarnation: _builtins.str
+    """one run of the job: equal on all its ranks, new after a restart (see coordinator.proto)"""
     @_builtins.property
     def id(self) -> _common_pb2.CheckpointId: ...
     @_builtins.property
@@ -133,6 +140,10 @@ class SaveOpen(_message.Message):
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntrySpec]:
         """only the entries this rank stores"""
+
+    @_builtins.property
+    def retention(self) -> _common_pb2.RetentionPolicy:
+        """the job's retention policy, applied by the coordinator after the commit"""
 
     def __init__(
         self,
@@ -147,10 +158,13 @@ class SaveOpen(_message.Message):
         overwrite: _builtins.bool = ...,
         shared_memory: _builtins.bool = ...,
         needs_seal: _builtins.bool = ...,
+        incremental: _builtins.bool = ...,
+        retention: _common_pb2.RetentionPolicy | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "id", b"id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "id", b"id", "retention", b"retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "entries", b"entries", "extra", b"extra", "id", b"id", "keys", b"keys", "needs_seal", b"needs_seal", "overwrite", b"overwrite", "rank", b"rank", "shared_memory", b"shared_memory", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "entries", b"entries", "extra", b"extra", "id", b"id", "incarnation", b"incarnation", "incremental", b"incremental", "keys", b"keys", "needs_seal", b"needs_seal", "overwrite", b"overwrite", "rank", b"rank", "retention", b"retention", "shared_memory", b"shared_memory", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

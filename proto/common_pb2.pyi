@@ -240,3 +240,44 @@ class Empty(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Empty: _TypeAlias = Empty  # noqa: Y015
+
+@_typing.final
+class RetentionPolicy(_message.Message):
+    """Which committed checkpoints of a job to keep; the coordinator deletes the others after
+    each commit. A checkpoint is kept if any rule keeps it; all zero/empty keeps everything.
+    The newest committed step and steps with a save in flight are never deleted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEEP_LAST_FIELD_NUMBER: _builtins.int
+    KEEP_EVERY_FIELD_NUMBER: _builtins.int
+    KEEP_BEST_KEY_FIELD_NUMBER: _builtins.int
+    KEEP_BEST_FIELD_NUMBER: _builtins.int
+    KEEP_BEST_MAX_FIELD_NUMBER: _builtins.int
+    keep_last: _builtins.int
+    """the N newest steps"""
+    keep_every: _builtins.int
+    """steps that are multiples of K"""
+    keep_best_key: _builtins.str
+    """training key (e.g. "loss") ..."""
+    keep_best: _builtins.int
+    """... the M steps with the best value of it"""
+    keep_best_max: _builtins.bool
+    """best = largest (default: smallest)"""
+    def __init__(
+        self,
+        *,
+        keep_last: _builtins.int = ...,
+        keep_every: _builtins.int = ...,
+        keep_best_key: _builtins.str = ...,
+        keep_best: _builtins.int = ...,
+        keep_best_max: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_best", b"keep_best", "keep_best_key", b"keep_best_key", "keep_best_max", b"keep_best_max", "keep_every", b"keep_every", "keep_last", b"keep_last"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetentionPolicy: _TypeAlias = RetentionPolicy  # noqa: Y015

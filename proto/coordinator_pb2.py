@@ -26,7 +26,7 @@ from layervault.proto import common_pb2 as common__pb2
 from layervault.proto import manifest_pb2 as manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63oordinator.proto\x12\rlayervault.v1\x1a\x0c\x63ommon.proto\x1a\x0emanifest.proto\"\x96\x01\n\x10\x42\x65ginSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x12\x12\n\nneeds_seal\x18\x06 \x01(\x08\"!\n\x0e\x42\x65ginSaveReply\x12\x0f\n\x07save_id\x18\x01 \x01(\t\"\xab\x03\n\x13ReportShardsRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12%\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x15.layervault.v1.Config\x12:\n\x04keys\x18\x07 \x03(\x0b\x32,.layervault.v1.ReportShardsRequest.KeysEntry\x12<\n\x05\x65xtra\x18\x08 \x03(\x0b\x32-.layervault.v1.ReportShardsRequest.ExtraEntry\x12*\n\x06shards\x18\t \x03(\x0b\x32\x1a.layervault.v1.ShardRecord\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x02\n\x0fSealSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x36\n\x04keys\x18\x03 \x03(\x0b\x32(.layervault.v1.SealSaveRequest.KeysEntry\x12\x38\n\x05\x65xtra\x18\x04 \x03(\x0b\x32).layervault.v1.SealSaveRequest.ExtraEntry\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x10\x41\x62ortSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"`\n\x11WaitCommitRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x32\xfc\x03\n\x0b\x43oordinator\x12K\n\tBeginSave\x12\x1f.layervault.v1.BeginSaveRequest\x1a\x1d.layervault.v1.BeginSaveReply\x12H\n\x0cReportShards\x12\".layervault.v1.ReportShardsRequest\x1a\x14.layervault.v1.Empty\x12\x42\n\tAbortSave\x12\x1f.layervault.v1.AbortSaveRequest\x1a\x14.layervault.v1.Empty\x12<\n\x04Seal\x12\x1e.layervault.v1.SealSaveRequest\x1a\x14.layervault.v1.Empty\x12M\n\nWaitCommit\x12 .layervault.v1.WaitCommitRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12G\n\x07Resolve\x12\x1d.layervault.v1.ResolveRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12<\n\x04List\x12\x1a.layervault.v1.ListRequest\x1a\x18.layervault.v1.ListReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63oordinator.proto\x12\rlayervault.v1\x1a\x0c\x63ommon.proto\x1a\x0emanifest.proto\"\xf3\x01\n\x10\x42\x65ginSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x12\x12\n\nneeds_seal\x18\x06 \x01(\x08\x12\x13\n\x0bincremental\x18\x07 \x01(\x08\x12\x31\n\tretention\x18\x08 \x01(\x0b\x32\x1e.layervault.v1.RetentionPolicy\x12\x13\n\x0bincarnation\x18\t \x01(\t\"J\n\x0e\x42\x65ginSaveReply\x12\x0f\n\x07save_id\x18\x01 \x01(\t\x12\x11\n\tbase_step\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61se_save_id\x18\x03 \x01(\t\"\xab\x03\n\x13ReportShardsRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12%\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x15.layervault.v1.Config\x12:\n\x04keys\x18\x07 \x03(\x0b\x32,.layervault.v1.ReportShardsRequest.KeysEntry\x12<\n\x05\x65xtra\x18\x08 \x03(\x0b\x32-.layervault.v1.ReportShardsRequest.ExtraEntry\x12*\n\x06shards\x18\t \x03(\x0b\x32\x1a.layervault.v1.ShardRecord\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9b\x02\n\x0fSealSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x36\n\x04keys\x18\x03 \x03(\x0b\x32(.layervault.v1.SealSaveRequest.KeysEntry\x12\x38\n\x05\x65xtra\x18\x04 \x03(\x0b\x32).layervault.v1.SealSaveRequest.ExtraEntry\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x10\x41\x62ortSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"`\n\x11WaitCommitRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0f\n\x07save_id\x18\x02 \x01(\t\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x90\x03\n\nAgentState\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0btcp_address\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\t\x12(\n\x05phase\x18\x07 \x01(\x0e\x32\x19.layervault.v1.AgentPhase\x12\x17\n\x0fsaves_in_flight\x18\x08 \x01(\x03\x12\x1a\n\x12staging_used_bytes\x18\t \x01(\x03\x12\x1c\n\x14staging_budget_bytes\x18\n \x01(\x03\x12\x1b\n\x13upload_queue_chunks\x18\x0b \x01(\x03\x12\x11\n\trss_bytes\x18\x0c \x01(\x03\x12\x16\n\x0epeak_rss_bytes\x18\r \x01(\x03\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x15\n\rlast_error_at\x18\x0f \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x10 \x01(\x01\"A\n\x15\x41gentHeartbeatRequest\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.layervault.v1.AgentState\"\x15\n\x13\x41gentHeartbeatReply\"\x13\n\x11ListAgentsRequest\"k\n\x0b\x41gentStatus\x12(\n\x05state\x18\x01 \x01(\x0b\x32\x19.layervault.v1.AgentState\x12\x14\n\x0clast_seen_at\x18\x02 \x01(\t\x12\x1c\n\x14seconds_since_report\x18\x03 \x01(\x01\"=\n\x0fListAgentsReply\x12*\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1a.layervault.v1.AgentStatus*\x8c\x01\n\nAgentPhase\x12\x1b\n\x17\x41GENT_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41GENT_PHASE_SERVING\x10\x01\x12\x18\n\x14\x41GENT_PHASE_DRAINING\x10\x02\x12\x17\n\x13\x41GENT_PHASE_STOPPED\x10\x03\x12\x15\n\x11\x41GENT_PHASE_STALE\x10\x04\x32\xa8\x05\n\x0b\x43oordinator\x12K\n\tBeginSave\x12\x1f.layervault.v1.BeginSaveRequest\x1a\x1d.layervault.v1.BeginSaveReply\x12H\n\x0cReportShards\x12\".layervault.v1.ReportShardsRequest\x1a\x14.layervault.v1.Empty\x12\x42\n\tAbortSave\x12\x1f.layervault.v1.AbortSaveRequest\x1a\x14.layervault.v1.Empty\x12<\n\x04Seal\x12\x1e.layervault.v1.SealSaveRequest\x1a\x14.layervault.v1.Empty\x12M\n\nWaitCommit\x12 .layervault.v1.WaitCommitRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12G\n\x07Resolve\x12\x1d.layervault.v1.ResolveRequest\x1a\x1d.layervault.v1.CheckpointInfo\x12<\n\x04List\x12\x1a.layervault.v1.ListRequest\x1a\x18.layervault.v1.ListReply\x12Z\n\x0e\x41gentHeartbeat\x12$.layervault.v1.AgentHeartbeatRequest\x1a\".layervault.v1.AgentHeartbeatReply\x12N\n\nListAgents\x12 .layervault.v1.ListAgentsRequest\x1a\x1e.layervault.v1.ListAgentsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,26 +41,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_options = b'8\001'
   _globals['_SEALSAVEREQUEST_EXTRAENTRY']._loaded_options = None
   _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_options = b'8\001'
+  _globals['_AGENTPHASE']._serialized_start=2015
+  _globals['_AGENTPHASE']._serialized_end=2155
   _globals['_BEGINSAVEREQUEST']._serialized_start=67
-  _globals['_BEGINSAVEREQUEST']._serialized_end=217
-  _globals['_BEGINSAVEREPLY']._serialized_start=219
-  _globals['_BEGINSAVEREPLY']._serialized_end=252
-  _globals['_REPORTSHARDSREQUEST']._serialized_start=255
-  _globals['_REPORTSHARDSREQUEST']._serialized_end=682
-  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_start=593
-  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_end=636
-  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_start=638
-  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_end=682
-  _globals['_SEALSAVEREQUEST']._serialized_start=685
-  _globals['_SEALSAVEREQUEST']._serialized_end=968
-  _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_start=593
-  _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_end=636
-  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_start=638
-  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_end=682
-  _globals['_ABORTSAVEREQUEST']._serialized_start=970
-  _globals['_ABORTSAVEREQUEST']._serialized_end=1094
-  _globals['_WAITCOMMITREQUEST']._serialized_start=1096
-  _globals['_WAITCOMMITREQUEST']._serialized_end=1192
-  _globals['_COORDINATOR']._serialized_start=1195
-  _globals['_COORDINATOR']._serialized_end=1703
+  _globals['_BEGINSAVEREQUEST']._serialized_end=310
+  _globals['_BEGINSAVEREPLY']._serialized_start=312
+  _globals['_BEGINSAVEREPLY']._serialized_end=386
+  _globals['_REPORTSHARDSREQUEST']._serialized_start=389
+  _globals['_REPORTSHARDSREQUEST']._serialized_end=816
+  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_start=727
+  _globals['_REPORTSHARDSREQUEST_KEYSENTRY']._serialized_end=770
+  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_start=772
+  _globals['_REPORTSHARDSREQUEST_EXTRAENTRY']._serialized_end=816
+  _globals['_SEALSAVEREQUEST']._serialized_start=819
+  _globals['_SEALSAVEREQUEST']._serialized_end=1102
+  _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_start=727
+  _globals['_SEALSAVEREQUEST_KEYSENTRY']._serialized_end=770
+  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_start=772
+  _globals['_SEALSAVEREQUEST_EXTRAENTRY']._serialized_end=816
+  _globals['_ABORTSAVEREQUEST']._serialized_start=1104
+  _globals['_ABORTSAVEREQUEST']._serialized_end=1228
+  _globals['_WAITCOMMITREQUEST']._serialized_start=1230
+  _globals['_WAITCOMMITREQUEST']._serialized_end=1326
+  _globals['_AGENTSTATE']._serialized_start=1329
+  _globals['_AGENTSTATE']._serialized_end=1729
+  _globals['_AGENTHEARTBEATREQUEST']._serialized_start=1731
+  _globals['_AGENTHEARTBEATREQUEST']._serialized_end=1796
+  _globals['_AGENTHEARTBEATREPLY']._serialized_start=1798
+  _globals['_AGENTHEARTBEATREPLY']._serialized_end=1819
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1821
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1840
+  _globals['_AGENTSTATUS']._serialized_start=1842
+  _globals['_AGENTSTATUS']._serialized_end=1949
+  _globals['_LISTAGENTSREPLY']._serialized_start=1951
+  _globals['_LISTAGENTSREPLY']._serialized_end=2012
+  _globals['_COORDINATOR']._serialized_start=2158
+  _globals['_COORDINATOR']._serialized_end=2838
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,13 @@ Commit protocol, per checkpoint (job, kind, step) with world size W:
   4. An agent whose rank failed calls AbortSave: the attempt fails and is never committed.
   A save opened with needs_seal (torch.distributed.checkpoint) also waits for Seal, which
   carries metadata only known after all ranks wrote; it commits once both are in.
+  5. Restarts: BeginSave carries the job's incarnation, an id that all ranks of one run of
+     the job share and that changes when the job restarts. A BeginSave whose (non-empty)
+     incarnation differs from the pending attempt's fails that attempt ("superseded: the
+     job restarted") and opens a new one, whatever its rank and world size: a dead run's
+     half-begun attempt never captures the next run's ranks. Within one incarnation (or
+     when either side has none) a rank new to the attempt joins it, and a rank that began
+     it already supersedes it (a retry).
 Pending attempts live only in memory: a restarted coordinator rebuilds the catalog from
 storage, and attempts it lost simply fail to commit (their waiters time out with a
 message naming the ranks that did not report).
@@ -22,6 +29,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 from layervault.proto import common_pb2 as _common_pb2
 from layervault.proto import manifest_pb2 as _manifest_pb2
@@ -35,6 +43,34 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AgentPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_PHASE_UNSPECIFIED: _AgentPhase.ValueType  # 0
+    AGENT_PHASE_SERVING: _AgentPhase.ValueType  # 1
+    AGENT_PHASE_DRAINING: _AgentPhase.ValueType  # 2
+    """shutting down: refuses new saves, finishing uploads"""
+    AGENT_PHASE_STOPPED: _AgentPhase.ValueType  # 3
+    """said goodbye on a clean shutdown"""
+    AGENT_PHASE_STALE: _AgentPhase.ValueType  # 4
+    """set by the coordinator only: no heartbeat for 3 intervals"""
+
+class AgentPhase(_AgentPhase, metaclass=_AgentPhaseEnumTypeWrapper):
+    """What an agent is doing, as it reports itself to the coordinator (AgentHeartbeat)."""
+
+AGENT_PHASE_UNSPECIFIED: AgentPhase.ValueType  # 0
+AGENT_PHASE_SERVING: AgentPhase.ValueType  # 1
+AGENT_PHASE_DRAINING: AgentPhase.ValueType  # 2
+"""shutting down: refuses new saves, finishing uploads"""
+AGENT_PHASE_STOPPED: AgentPhase.ValueType  # 3
+"""said goodbye on a clean shutdown"""
+AGENT_PHASE_STALE: AgentPhase.ValueType  # 4
+"""set by the coordinator only: no heartbeat for 3 intervals"""
+Global___AgentPhase: _TypeAlias = AgentPhase  # noqa: Y015
+
 @_typing.final
 class BeginSaveRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -45,13 +81,24 @@ class BeginSaveRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     OVERWRITE_FIELD_NUMBER: _builtins.int
     NEEDS_SEAL_FIELD_NUMBER: _builtins.int
+    INCREMENTAL_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     world_size: _builtins.int
     rank: _builtins.int
     agent_id: _builtins.str
     overwrite: _builtins.bool
     needs_seal: _builtins.bool
+    incremental: _builtins.bool
+    """the reply names a committed base checkpoint to reference"""
+    incarnation: _builtins.str
+    """the run of the job this rank belongs to; empty: unknown (older clients)"""
     @_builtins.property
     def id(self) -> _common_pb2.CheckpointId: ...
+    @_builtins.property
+    def retention(self) -> _common_pb2.RetentionPolicy:
+        """applied after this attempt commits (else the coordinator's default)"""
+
     def __init__(
         self,
         *,
@@ -61,10 +108,13 @@ class BeginSaveRequest(_message.Message):
         agent_id: _builtins.str = ...,
         overwrite: _builtins.bool = ...,
         needs_seal: _builtins.bool = ...,
+        incremental: _builtins.bool = ...,
+        retention: _common_pb2.RetentionPolicy | None = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "retention", b"retention"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "id", b"id", "needs_seal", b"needs_seal", "overwrite", b"overwrite", "rank", b"rank", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "id", b"id", "incarnation", b"incarnation", "incremental", b"incremental", "needs_seal", b"needs_seal", "overwrite", b"overwrite", "rank", b"rank", "retention", b"retention", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -75,15 +125,25 @@ class BeginSaveReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SAVE_ID_FIELD_NUMBER: _builtins.int
+    BASE_STEP_FIELD_NUMBER: _builtins.int
+    BASE_SAVE_ID_FIELD_NUMBER: _builtins.int
     save_id: _builtins.str
+    base_step: _builtins.int
+    """Incremental saves: the committed checkpoint (same job and kind) whose unchanged chunks
+    the agents may reference. The coordinator keeps it from being deleted while the
+    attempt is pending and re-checks it at commit. Empty base_save_id: no base.
+    """
+    base_save_id: _builtins.str
     def __init__(
         self,
         *,
         save_id: _builtins.str = ...,
+        base_step: _builtins.int = ...,
+        base_save_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["save_id", b"save_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_save_id", b"base_save_id", "base_step", b"base_step", "save_id", b"save_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -305,3 +365,176 @@ class WaitCommitRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WaitCommitRequest: _TypeAlias = WaitCommitRequest  # noqa: Y015
+
+@_typing.final
+class AgentState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TCP_ADDRESS_FIELD_NUMBER: _builtins.int
+    METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    SAVES_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    STAGING_USED_BYTES_FIELD_NUMBER: _builtins.int
+    STAGING_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    UPLOAD_QUEUE_CHUNKS_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    PEAK_RSS_BYTES_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_AT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    address: _builtins.str
+    """what the node's ranks dial (unix socket, else TCP)"""
+    tcp_address: _builtins.str
+    metrics_address: _builtins.str
+    """host:port of the Prometheus endpoint; empty when off"""
+    version: _builtins.str
+    """layervault version of the agent"""
+    started_at: _builtins.str
+    """RFC 3339"""
+    phase: Global___AgentPhase.ValueType
+    saves_in_flight: _builtins.int
+    """rank saves handed off and not yet reported to the coordinator"""
+    staging_used_bytes: _builtins.int
+    staging_budget_bytes: _builtins.int
+    upload_queue_chunks: _builtins.int
+    """chunks staged and not yet durable"""
+    rss_bytes: _builtins.int
+    peak_rss_bytes: _builtins.int
+    last_error: _builtins.str
+    """the latest failed save (or coordinator call), with its cause"""
+    last_error_at: _builtins.str
+    """RFC 3339; empty when there was none"""
+    heartbeat_interval_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        tcp_address: _builtins.str = ...,
+        metrics_address: _builtins.str = ...,
+        version: _builtins.str = ...,
+        started_at: _builtins.str = ...,
+        phase: Global___AgentPhase.ValueType = ...,
+        saves_in_flight: _builtins.int = ...,
+        staging_used_bytes: _builtins.int = ...,
+        staging_budget_bytes: _builtins.int = ...,
+        upload_queue_chunks: _builtins.int = ...,
+        rss_bytes: _builtins.int = ...,
+        peak_rss_bytes: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        last_error_at: _builtins.str = ...,
+        heartbeat_interval_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "agent_id", b"agent_id", "heartbeat_interval_s", b"heartbeat_interval_s", "last_error", b"last_error", "last_error_at", b"last_error_at", "metrics_address", b"metrics_address", "peak_rss_bytes", b"peak_rss_bytes", "phase", b"phase", "rss_bytes", b"rss_bytes", "saves_in_flight", b"saves_in_flight", "staging_budget_bytes", b"staging_budget_bytes", "staging_used_bytes", b"staging_used_bytes", "started_at", b"started_at", "tcp_address", b"tcp_address", "upload_queue_chunks", b"upload_queue_chunks", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
+
+@_typing.final
+class AgentHeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___AgentState: ...
+    def __init__(
+        self,
+        *,
+        state: Global___AgentState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentHeartbeatRequest: _TypeAlias = AgentHeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class AgentHeartbeatReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentHeartbeatReply: _TypeAlias = AgentHeartbeatReply  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class AgentStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
+    SECONDS_SINCE_REPORT_FIELD_NUMBER: _builtins.int
+    last_seen_at: _builtins.str
+    """RFC 3339, the coordinator's clock"""
+    seconds_since_report: _builtins.float
+    @_builtins.property
+    def state(self) -> Global___AgentState:
+        """the last report; phase is STALE when beats stopped"""
+
+    def __init__(
+        self,
+        *,
+        state: Global___AgentState | None = ...,
+        last_seen_at: _builtins.str = ...,
+        seconds_since_report: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_seen_at", b"last_seen_at", "seconds_since_report", b"seconds_since_report", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentStatus: _TypeAlias = AgentStatus  # noqa: Y015
+
+@_typing.final
+class ListAgentsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentStatus]:
+        """sorted by agent id"""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___AgentStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsReply: _TypeAlias = ListAgentsReply  # noqa: Y015

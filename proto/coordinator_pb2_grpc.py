@@ -70,6 +70,16 @@ class CoordinatorStub:
                 request_serializer=common__pb2.ListRequest.SerializeToString,
                 response_deserializer=common__pb2.ListReply.FromString,
                 _registered_method=True)
+        self.AgentHeartbeat = channel.unary_unary(
+                '/layervault.v1.Coordinator/AgentHeartbeat',
+                request_serializer=coordinator__pb2.AgentHeartbeatRequest.SerializeToString,
+                response_deserializer=coordinator__pb2.AgentHeartbeatReply.FromString,
+                _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/layervault.v1.Coordinator/ListAgents',
+                request_serializer=coordinator__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=coordinator__pb2.ListAgentsReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -117,6 +127,19 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AgentHeartbeat(self, request, context):
+        """Observability: agents report their state every few seconds; `layervault status` lists it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +177,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=common__pb2.ListRequest.FromString,
                     response_serializer=common__pb2.ListReply.SerializeToString,
+            ),
+            'AgentHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.AgentHeartbeat,
+                    request_deserializer=coordinator__pb2.AgentHeartbeatRequest.FromString,
+                    response_serializer=coordinator__pb2.AgentHeartbeatReply.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=coordinator__pb2.ListAgentsRequest.FromString,
+                    response_serializer=coordinator__pb2.ListAgentsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +378,60 @@ class Coordinator:
             '/layervault.v1.Coordinator/List',
             common__pb2.ListRequest.SerializeToString,
             common__pb2.ListReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AgentHeartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layervault.v1.Coordinator/AgentHeartbeat',
+            coordinator__pb2.AgentHeartbeatRequest.SerializeToString,
+            coordinator__pb2.AgentHeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layervault.v1.Coordinator/ListAgents',
+            coordinator__pb2.ListAgentsRequest.SerializeToString,
+            coordinator__pb2.ListAgentsReply.FromString,
             options,
             channel_credentials,
             insecure,

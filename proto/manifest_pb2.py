@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emanifest.proto\x12\rlayervault.v1\"Y\n\x0cTensorLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x14\n\x0cglobal_shape\x18\x02 \x03(\x03\x12\x0f\n\x07offsets\x18\x03 \x03(\x03\x12\x13\n\x0blocal_shape\x18\x04 \x03(\x03\"b\n\x08\x43hunkRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nraw_offset\x18\x02 \x01(\x03\x12\x10\n\x08raw_size\x18\x03 \x01(\x03\x12\x13\n\x0bstored_size\x18\x04 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\"\xb7\x01\n\x0bShardRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.layervault.v1.TensorLayout\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05\x63odec\x18\x04 \x03(\t\x12\'\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x17.layervault.v1.ChunkRef\x12\x11\n\traw_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cstored_bytes\x18\x07 \x01(\x03\"\xab\x01\n\x06\x43onfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tframework\x18\x02 \x01(\t\x12\x39\n\nadditional\x18\x03 \x03(\x0b\x32%.layervault.v1.Config.AdditionalEntry\x12\x12\n\ncompressor\x18\x04 \x01(\t\x1a\x31\n\x0f\x41\x64\x64itionalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x03\n\x08Manifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\x05\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12/\n\x04keys\x18\x05 \x03(\x0b\x32!.layervault.v1.Manifest.KeysEntry\x12%\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x15.layervault.v1.Config\x12\x12\n\nworld_size\x18\x07 \x01(\x05\x12*\n\x06shards\x18\x08 \x03(\x0b\x32\x1a.layervault.v1.ShardRecord\x12\x31\n\x05\x65xtra\x18\t \x03(\x0b\x32\".layervault.v1.Manifest.ExtraEntry\x12\x0f\n\x07save_id\x18\n \x01(\t\x12\x14\n\x0c\x63ommitted_at\x18\x0b \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emanifest.proto\x12\rlayervault.v1\"Y\n\x0cTensorLayout\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\x14\n\x0cglobal_shape\x18\x02 \x03(\x03\x12\x0f\n\x07offsets\x18\x03 \x03(\x03\x12\x13\n\x0blocal_shape\x18\x04 \x03(\x03\"r\n\x08\x43hunkRef\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nraw_offset\x18\x02 \x01(\x03\x12\x10\n\x08raw_size\x18\x03 \x01(\x03\x12\x13\n\x0bstored_size\x18\x04 \x01(\x03\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\x12\x0e\n\x06\x64igest\x18\x06 \x01(\x0c\"\xe1\x01\n\x0bShardRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.layervault.v1.TensorLayout\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\r\n\x05\x63odec\x18\x04 \x03(\t\x12\'\n\x06\x63hunks\x18\x05 \x03(\x0b\x32\x17.layervault.v1.ChunkRef\x12\x11\n\traw_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cstored_bytes\x18\x07 \x01(\x03\x12\x18\n\x10\x64igest_algorithm\x18\x08 \x01(\t\x12\x0e\n\x06\x64igest\x18\t \x01(\x0c\"\xab\x01\n\x06\x43onfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tframework\x18\x02 \x01(\t\x12\x39\n\nadditional\x18\x03 \x03(\x0b\x32%.layervault.v1.Config.AdditionalEntry\x12\x12\n\ncompressor\x18\x04 \x01(\t\x1a\x31\n\x0f\x41\x64\x64itionalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x03\n\x08Manifest\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\x05\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12/\n\x04keys\x18\x05 \x03(\x0b\x32!.layervault.v1.Manifest.KeysEntry\x12%\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x15.layervault.v1.Config\x12\x12\n\nworld_size\x18\x07 \x01(\x05\x12*\n\x06shards\x18\x08 \x03(\x0b\x32\x1a.layervault.v1.ShardRecord\x12\x31\n\x05\x65xtra\x18\t \x03(\x0b\x32\".layervault.v1.Manifest.ExtraEntry\x12\x0f\n\x07save_id\x18\n \x01(\t\x12\x14\n\x0c\x63ommitted_at\x18\x0b \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORLAYOUT']._serialized_start=33
   _globals['_TENSORLAYOUT']._serialized_end=122
   _globals['_CHUNKREF']._serialized_start=124
-  _globals['_CHUNKREF']._serialized_end=222
-  _globals['_SHARDRECORD']._serialized_start=225
-  _globals['_SHARDRECORD']._serialized_end=408
-  _globals['_CONFIG']._serialized_start=411
-  _globals['_CONFIG']._serialized_end=582
-  _globals['_CONFIG_ADDITIONALENTRY']._serialized_start=533
-  _globals['_CONFIG_ADDITIONALENTRY']._serialized_end=582
-  _globals['_MANIFEST']._serialized_start=585
-  _globals['_MANIFEST']._serialized_end=993
-  _globals['_MANIFEST_KEYSENTRY']._serialized_start=904
-  _globals['_MANIFEST_KEYSENTRY']._serialized_end=947
-  _globals['_MANIFEST_EXTRAENTRY']._serialized_start=949
-  _globals['_MANIFEST_EXTRAENTRY']._serialized_end=993
+  _globals['_CHUNKREF']._serialized_end=238
+  _globals['_SHARDRECORD']._serialized_start=241
+  _globals['_SHARDRECORD']._serialized_end=466
+  _globals['_CONFIG']._serialized_start=469
+  _globals['_CONFIG']._serialized_end=640
+  _globals['_CONFIG_ADDITIONALENTRY']._serialized_start=591
+  _globals['_CONFIG_ADDITIONALENTRY']._serialized_end=640
+  _globals['_MANIFEST']._serialized_start=643
+  _globals['_MANIFEST']._serialized_end=1051
+  _globals['_MANIFEST_KEYSENTRY']._serialized_start=962
+  _globals['_MANIFEST_KEYSENTRY']._serialized_end=1005
+  _globals['_MANIFEST_EXTRAENTRY']._serialized_start=1007
+  _globals['_MANIFEST_EXTRAENTRY']._serialized_end=1051
 # @@protoc_insertion_point(module_scope)

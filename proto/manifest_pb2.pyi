@@ -72,6 +72,7 @@ class ChunkRef(_message.Message):
     RAW_SIZE_FIELD_NUMBER: _builtins.int
     STORED_SIZE_FIELD_NUMBER: _builtins.int
     CRC32C_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """object key below the store prefix"""
     raw_offset: _builtins.int
@@ -80,6 +81,8 @@ class ChunkRef(_message.Message):
     stored_size: _builtins.int
     crc32c: _builtins.int
     """CRC32C of the raw (decoded) bytes"""
+    digest: _builtins.bytes
+    """incremental saves: SHA-256 of the raw bytes (empty when not computed)"""
     def __init__(
         self,
         *,
@@ -88,10 +91,11 @@ class ChunkRef(_message.Message):
         raw_size: _builtins.int = ...,
         stored_size: _builtins.int = ...,
         crc32c: _builtins.int = ...,
+        digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "key", b"key", "raw_offset", b"raw_offset", "raw_size", b"raw_size", "stored_size", b"stored_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "digest", b"digest", "key", b"key", "raw_offset", b"raw_offset", "raw_size", b"raw_size", "stored_size", b"stored_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -110,12 +114,20 @@ class ShardRecord(_message.Message):
     CHUNKS_FIELD_NUMBER: _builtins.int
     RAW_BYTES_FIELD_NUMBER: _builtins.int
     STORED_BYTES_FIELD_NUMBER: _builtins.int
+    DIGEST_ALGORITHM_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """entry name, e.g. "encoder.layers.0.linear1.weight" """
     rank: _builtins.int
     """rank that wrote it"""
     raw_bytes: _builtins.int
     stored_bytes: _builtins.int
+    digest_algorithm: _builtins.str
+    """Incremental saves: a strong content digest of the shard, codec-independent: the named
+    algorithm ("sha256-chunks/1") over its chunk table (raw offset, raw size, SHA-256 of
+    each chunk). Empty in manifests written without incremental mode.
+    """
+    digest: _builtins.bytes
     @_builtins.property
     def layout(self) -> Global___TensorLayout: ...
     @_builtins.property
@@ -134,10 +146,12 @@ class ShardRecord(_message.Message):
         chunks: _abc.Iterable[Global___ChunkRef] | None = ...,
         raw_bytes: _builtins.int = ...,
         stored_bytes: _builtins.int = ...,
+        digest_algorithm: _builtins.str = ...,
+        digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["layout", b"layout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "codec", b"codec", "layout", b"layout", "name", b"name", "rank", b"rank", "raw_bytes", b"raw_bytes", "stored_bytes", b"stored_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "codec", b"codec", "digest", b"digest", "digest_algorithm", b"digest_algorithm", "layout", b"layout", "name", b"name", "rank", b"rank", "raw_bytes", b"raw_bytes", "stored_bytes", b"stored_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

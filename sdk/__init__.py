@@ -4,7 +4,7 @@ Framework adapters live in ``layervault.torch`` (and ``layervault.tensorflow``);
 package keeps only framework-free names so that importing it never imports torch.
 """
 
-from layervault.config import ModelConfig, OptimizerConfig
+from layervault.config import ModelConfig, OptimizerConfig, Retention
 from layervault.errors import (
     AlreadyExistsError,
     ChecksumError,
@@ -18,6 +18,7 @@ from layervault.errors import (
 __all__ = [
     "ModelConfig",
     "OptimizerConfig",
+    "Retention",
     "AgentClient",
     "LayervaultError",
     "NotFoundError",

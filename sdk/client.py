@@ -13,18 +13,25 @@ import dataclasses
 import os
 import queue
 import threading
-from typing import Iterator, Mapping, Protocol, Sequence
+import time
+from typing import TYPE_CHECKING, Iterator, Mapping, Protocol, Sequence
 
 import grpc
 
 from layervault.errors import InvalidArgumentError, LayervaultError, UnavailableError, error_from_rpc
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2
 
+if TYPE_CHECKING:
+    from layervault.agent.tls import TlsConfig
+
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_reconnect_backoff_ms", 1000),  # a restarted agent is dialed again within a second
 ]
 _STREAM_PIECE = 4 << 20
+#: ``SaveHandle.wait()`` without a timeout waits this long for an unreachable agent to come back.
+AGENT_RESTART_WINDOW = 120.0
 
 
 class ByteSource(Protocol):
@@ -135,16 +142,27 @@ def _same_host(address: str) -> bool:
 
 
 class AgentClient:
-    """A connection to one node agent (address like ``unix:///run/lv.sock`` or ``host:port``)."""
+    """A connection to one node agent (address like ``unix:///run/lv.sock`` or ``host:port``).
 
-    def __init__(self, address: str | None = None, shared_memory: bool | None = None) -> None:
+    ``token``: the job token sent with every call (default: ``LAYERVAULT_TOKEN``). ``tls``:
+    for a TCP address, TLS settings (default: ``LAYERVAULT_TLS_CA``, plus ``LAYERVAULT_TLS_CERT``
+    and ``LAYERVAULT_TLS_KEY`` when the agent wants client certificates); a unix socket is
+    always plaintext, its file permissions being the protection.
+    """
+
+    def __init__(self, address: str | None = None, shared_memory: bool | None = None, *,
+                 token: str | None = None, tls: "TlsConfig | None" = None) -> None:
+        from layervault.agent.auth import ENV_TOKEN, BearerToken
         from layervault.agent.server import default_agent_address
+        from layervault.agent.tls import TlsConfig, open_channel
 
         self.address = address or default_agent_address()
         if shared_memory is None:
             shared_memory = os.environ.get("LAYERVAULT_SHARED_MEMORY", "1") != "0" and _same_host(self.address)
         self.shared_memory = shared_memory
-        self._channel = grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        token = token if token is not None else os.environ.get(ENV_TOKEN, "")
+        tls = tls if tls is not None else TlsConfig.from_env()
+        self._channel = open_channel(self.address, tls, _CHANNEL_OPTIONS, [BearerToken(token)] if token else [])
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
         self._pools: dict[str, _PoolMapping] = {}
         self._lock = threading.Lock()
@@ -204,16 +222,24 @@ class AgentClient:
         entries: Sequence[SaveEntry],
         overwrite: bool = False,
         needs_seal: bool = False,
+        incremental: bool = False,
+        retention: common_pb2.RetentionPolicy | None = None,
+        incarnation: str = "",
     ) -> SaveHandle:
         """Hand the entries' bytes to the agent; returns when the agent holds all of them.
 
         ``needs_seal``: the checkpoint commits only after :meth:`seal` (DCP's finish).
+        ``incremental``: reference unchanged chunks of the job's newest checkpoint;
+        ``retention``: the job's policy, applied by the coordinator after the commit;
+        ``incarnation``: the run of the job (equal on all its ranks, new after a restart, see
+        :mod:`layervault.incarnation`), so a dead run's open attempt never captures this one.
         """
         requests = _Requests()
         open_msg = agent_pb2.SaveOpen(
             id=ref.proto(), rank=rank, world_size=world_size, config=config, keys=dict(keys), extra=dict(extra),
             entries=[agent_pb2.EntrySpec(name=e.name, layout=e.layout, nbytes=e.source.nbytes) for e in entries],
-            overwrite=overwrite, shared_memory=self.shared_memory, needs_seal=needs_seal)
+            overwrite=overwrite, shared_memory=self.shared_memory, needs_seal=needs_seal, incremental=incremental,
+            retention=retention, incarnation=incarnation)
         requests.send(agent_pb2.SaveRequest(open=open_msg))
         replies = self._stub.Save(iter(requests))
         try:
@@ -271,9 +297,27 @@ class AgentClient:
         self._call("Seal", agent_pb2.SealRequest(id=ref.proto(), world_size=world_size, keys=dict(keys), extra=dict(extra)))
 
     def wait_save(self, ref: CheckpointRef, rank: int, timeout: float | None = None) -> common_pb2.CheckpointInfo:
-        request = agent_pb2.WaitSaveRequest(id=ref.proto(), rank=rank, timeout_s=timeout or 0)
-        reply = self._call("WaitSave", request, timeout=None if timeout is None else timeout + 10)
-        return reply.info
+        """Wait for the commit. An agent restarted meanwhile finishes the save from its journal,
+        so an unreachable agent is dialed again until ``timeout`` (without one: for
+        ``AGENT_RESTART_WINDOW`` seconds of being unreachable)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        unreachable_since: float | None = None
+        pause = 0.1
+        while True:
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            request = agent_pb2.WaitSaveRequest(id=ref.proto(), rank=rank, timeout_s=remaining or 0)
+            try:
+                return self._stub.WaitSave(request, timeout=None if remaining is None else remaining + 10).info
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise _translate(exc, self.address) from None
+                now = time.monotonic()
+                unreachable_since = unreachable_since if unreachable_since is not None else now
+                give_up = deadline if deadline is not None else unreachable_since + AGENT_RESTART_WINDOW
+                if now + pause >= give_up:
+                    raise _translate(exc, self.address) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     # -- restore and catalog -------------------------------------------------------------------------
 
@@ -331,6 +375,7 @@ class AgentClient:
 
 def _translate(exc: grpc.RpcError, address: str) -> LayervaultError:
     err = error_from_rpc(exc)
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and "storage" not in str(err):
+    # The agent answers for its storage and its coordinator by name; anything else is the agent itself.
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and "storage" not in str(err) and "coordinator at " not in str(err):
         err = UnavailableError(f"layervault agent at {address} is unavailable: {exc.details()}")
     return err

@@ -64,8 +64,24 @@ class UnavailableError(LayervaultError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class ManifestError(LayervaultError):
-    """A manifest is malformed or of a format version this reader does not know."""
+class UnauthenticatedError(LayervaultError):
+    """The call carried no job token, or one the service does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(LayervaultError):
+    """The job token is valid but does not cover this job."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ManifestError(IncompatibleStateError):
+    """A manifest is malformed or of a format version this reader does not know.
+
+    A kind of :class:`IncompatibleStateError` (same status), so callers catch it the same way
+    whether the manifest was read here or by an agent, where it arrives as its parent.
+    """
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -81,6 +97,8 @@ _BY_CODE = {
         SaveFailedError,
         DeadlineError,
         UnavailableError,
+        UnauthenticatedError,
+        PermissionDeniedError,
     )
 }
 

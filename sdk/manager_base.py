@@ -34,6 +34,11 @@ class ManagerBase:
         return manifest_pb2.Config(name=self.config.name, framework=self.framework,
                                    additional=dict(self.config.additional), compressor=self.config.compressor)
 
+    def _lifecycle_options(self) -> dict[str, Any]:
+        """The config's incremental mode and retention policy, as ``AgentClient.save`` takes them."""
+        retention = self.config.retention.to_proto() if self.config.retention is not None else None
+        return {"incremental": self.config.incremental, "retention": retention}
+
     def _resolve(self, step: int | None, keys: Mapping[str, Any]) -> manifest_pb2.Manifest:
         selector = encode_keys(keys)
         if step is not None:

@@ -23,6 +23,7 @@ from layervault.agent.storage import (
     StorageError,
     open_store,
 )
+from layervault.agent.storage.retry import RetryPolicy
 from layervault.agent.storage.s3 import S3Store
 
 # -- the conformance suite (every backend) --------------------------------------------------
@@ -148,7 +149,7 @@ def test_stats_count_calls_and_bytes(store: ObjectStore) -> None:
     store.delete(["s/a", "s/missing"])
     after = store.stats.snapshot()
     delta = {name: after[name] - before[name] for name in after}
-    assert delta == {"puts": 3, "put_bytes": 102, "gets": 2, "get_bytes": 120, "deletes": 2, "lists": 1}
+    assert delta == {"puts": 3, "put_bytes": 102, "gets": 2, "get_bytes": 120, "deletes": 2, "lists": 1, "retries": 0}
 
 
 def test_ranged_get_counts_only_the_range(store: ObjectStore) -> None:
@@ -351,8 +352,7 @@ def test_s3_multipart_put(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> No
     import layervault.agent.storage.s3 as s3_module
 
     monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 5 << 20)
-    store = S3Store(s3_bucket, "p")
-    store._transfer.multipart_chunksize = 5 << 20
+    store = S3Store(s3_bucket, "p", multipart_part_size=5 << 20)
     data = os.urandom(12 << 20)
     store.put("multi", data)
     assert store.get("multi") == data
@@ -364,7 +364,8 @@ def test_s3_unreachable_endpoint_fails_fast_naming_it(monkeypatch: pytest.Monkey
     for name, value in [("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "x"), ("AWS_DEFAULT_REGION", "us-east-1")]:
         monkeypatch.setenv(name, value)
     endpoint = f"http://127.0.0.1:{_closed_port()}"
-    store = open_store("s3://some-bucket/p", endpoint_url=endpoint, connect_timeout=1, read_timeout=2, max_attempts=1)
+    store = open_store("s3://some-bucket/p", endpoint_url=endpoint, connect_timeout=1, read_timeout=2,
+                       retry=RetryPolicy(attempts=1))
     started = time.monotonic()
     for action in (store.check, lambda: store.get("k"), lambda: store.put("k", b"x"), lambda: list(store.list(""))):
         with pytest.raises(StorageError, match=endpoint.replace(".", r"\.")) as info:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from layervault.agent.storage.base import ByteRange, ObjectNotFound, ObjectStore, StorageError, StoreStats
+from layervault.agent.storage.base import ByteRange, ObjectInfo, ObjectNotFound, ObjectStore, StorageError, StoreStats
 from layervault.agent.storage.local import LocalStore
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ByteRange",
     "LocalStore",
+    "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",
     "S3Store",

@@ -57,6 +57,15 @@ class ByteRange:
         return self.stop - self.start
 
 
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its key, size and last-modified time (seconds since the epoch)."""
+
+    key: str
+    size: int
+    modified: float
+
+
 @dataclasses.dataclass
 class StoreStats:
     """Request and byte counters, so tests and metrics can see what crossed the wire.
@@ -64,6 +73,8 @@ class StoreStats:
     ``puts``/``gets``/``lists`` count calls of the store's methods (one ranged ``get`` is
     one get), ``deletes`` counts keys asked to be deleted, ``*_bytes`` count payload
     bytes. The meaning is the same for every backend, so a test can assert exact numbers.
+    ``retries`` counts requests sent again after a transient failure (throttling, 5xx,
+    reset, timeout; see :mod:`.retry`): a rising rate means the store is struggling.
     """
 
     puts: int = 0
@@ -72,6 +83,7 @@ class StoreStats:
     get_bytes: int = 0
     deletes: int = 0
     lists: int = 0
+    retries: int = 0
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -82,6 +94,18 @@ class StoreStats:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+
+@dataclasses.dataclass(frozen=True)
+class IncompleteUpload:
+    """A multipart upload that was begun and neither completed nor aborted.
+
+    Its parts are stored (and, on AWS, billed) but no LIST of objects shows them; only an
+    abort frees them.
+    """
+
+    key: str
+    upload_id: str
 
 
 class ObjectStore(abc.ABC):
@@ -124,9 +148,27 @@ class ObjectStore(abc.ABC):
         Raises :class:`StorageError` on failure; an error is never an empty listing.
         """
 
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Like :meth:`list`, with each object's size and age: garbage collection spares
+        young objects (those of a save still in flight) by their modification time."""
+        raise StorageError(f"{self.url}: this store does not report object ages")
+
     @abc.abstractmethod
     def delete(self, keys: builtins.list[str]) -> None:  # `list` is a method here
         """Delete objects; missing keys are not an error."""
+
+    def incomplete_uploads(self, prefix: str) -> builtins.list[IncompleteUpload]:
+        """Multipart uploads open below ``prefix`` (a plain string prefix of their keys).
+
+        Backends that never upload in parts have none. Raises :class:`StorageError` on
+        failure, never an empty answer.
+        """
+        return []
+
+    def abort_uploads(self, uploads: builtins.list[IncompleteUpload]) -> None:
+        """Abort multipart uploads, freeing their parts; already finished ones are not an error."""
+        if uploads:
+            raise StorageError(f"{self.url} does not upload in parts; cannot abort {len(uploads)} uploads")
 
     def check(self) -> None:
         """Prove the store is usable (bucket exists, credentials work). Raises StorageError."""

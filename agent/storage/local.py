@@ -21,7 +21,7 @@ import pathlib
 import uuid
 from collections.abc import Iterator, Sequence
 
-from layervault.agent.storage.base import ByteRange, ObjectNotFound, ObjectStore, StorageError, check_key
+from layervault.agent.storage.base import ByteRange, ObjectInfo, ObjectNotFound, ObjectStore, StorageError, check_key
 
 _TMP = ".tmp-"
 _MAKE_TEMP_TRIES = 5
@@ -89,12 +89,13 @@ class LocalStore(ObjectStore):
     def _write_temp(self, path: pathlib.Path, data: bytes | memoryview) -> pathlib.Path:
         """Write ``data`` durably to a fresh temporary file beside ``path``."""
         for attempt in range(_MAKE_TEMP_TRIES):
-            self._make_parents(path)
             tmp = path.parent / f"{_TMP}{uuid.uuid4().hex}"
             try:
+                self._make_parents(path)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileNotFoundError:
-                # A concurrent delete removed the folder it had just emptied: make it again.
+                # A concurrent delete removed a folder it had just emptied (the one the file
+                # goes in, or one above a folder being made): make them again.
                 if attempt == _MAKE_TEMP_TRIES - 1:
                     raise
                 continue
@@ -198,6 +199,16 @@ class LocalStore(ObjectStore):
             dirnames[:] = [d for d in dirnames if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")]
             found.extend(base + name for name in filenames if not name.startswith(_TMP) and (base + name).startswith(prefix))
         return iter(sorted(found))
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        found = []
+        for key in self.list(prefix):
+            try:
+                st = os.stat(self._path(key))
+            except FileNotFoundError:
+                continue  # deleted since the walk
+            found.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        return iter(found)
 
     def delete(self, keys: Sequence[str]) -> None:
         paths = [self._path(key) for key in keys]  # validate all before deleting any

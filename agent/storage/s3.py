@@ -11,6 +11,25 @@ Every botocore failure is turned into :class:`StorageError` (or :class:`ObjectNo
 whose message names the operation, the bucket, the key and the endpoint, so an operator
 reading an agent's log knows which store to look at.
 
+Retries: botocore's own are off; every request goes through one :class:`RetryPolicy`
+(:mod:`.retry`; defaults from ``LAYERVAULT_S3_RETRY_*``), and only idempotent requests are
+retried: GET, HEAD, LIST, DELETE, and PUTs whose second copy would write the same bytes
+(chunk keys are unique per save attempt; ``latest`` and an overwriting manifest are
+last-writer-wins). A request that keeps failing ends in a StorageError saying how many
+attempts over how long. Timeouts: ``LAYERVAULT_S3_CONNECT_TIMEOUT`` (5 s) and
+``LAYERVAULT_S3_READ_TIMEOUT`` (30 s) unless given to the constructor.
+
+The create-only ``put_if_absent`` is the one non-idempotent write. After a transient
+failure nobody knows whether the server applied it, so it is sent again, and a 412 on
+that second try is settled by reading the object back: it is ours (True) only if its bytes
+equal the ones we sent. Manifests carry their save attempt id and commit time, so another
+writer's manifest never has our bytes.
+
+Objects above ``MULTIPART_THRESHOLD`` go up in parts, each part retried on its own; a
+failed upload is aborted, so its parts do not linger invisible to LIST. An upload that an
+agent crash leaves open is found by :meth:`S3Store.incomplete_uploads` when the attempt
+is cleaned up (:mod:`layervault.agent.attempt_cleanup`).
+
 Conditional create: ``put_if_absent`` sends ``PutObject`` with ``If-None-Match: *``
 (AWS since 2024, MinIO, SeaweedFS 4.x answer 412 when the key exists). A server that does
 not implement the header either refuses it or, worse, ignores it and overwrites. On first
@@ -22,28 +41,45 @@ through ``supports_conditional_put = False``.
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import logging
+import os
 import re
 import threading
-import time
 import uuid
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import boto3.exceptions
-import boto3.s3.transfer
 import botocore.config
 import botocore.exceptions
 import botocore.loaders
 import botocore.session
 
-from layervault.agent.storage.base import ByteRange, ObjectNotFound, ObjectStore, StorageError, check_key
+from layervault.agent import redact
+from layervault.agent.storage.base import (
+    ByteRange,
+    IncompleteUpload,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    check_key,
+)
+from layervault.agent.storage.retry import RetriesExhausted, RetryPolicy, call_with_retries, is_transient
+from layervault.agent.storage.retry import code_of as _code
+
+log = logging.getLogger("layervault.storage")
+T = TypeVar("T")
 
 #: Above this size ``put`` uploads in parts (chunks are a few MiB; this is a safety net).
 MULTIPART_THRESHOLD = 64 << 20
+MIN_PART_SIZE = 5 << 20  # S3's floor for every part but the last
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects request may carry
 _NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
-_CONFLICT_RETRIES = 5  # 409 ConditionalRequestConflict: another conditional write is in flight
+#: ``check()`` runs at startup, where a wrong endpoint should fail in seconds, not minutes.
+_CHECK_RETRY = RetryPolicy(attempts=3, base_delay=0.2, max_delay=1.0, deadline=10.0)
 _BUCKET_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}")  # botocore's rule, legacy names included
 
 _S3Error = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, boto3.exceptions.Boto3Error)
@@ -53,17 +89,35 @@ _S3Error = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, 
 _LOADER = botocore.loaders.create_loader()
 
 
-def _code(exc: BaseException) -> str:
-    if isinstance(exc, botocore.exceptions.ClientError):
-        return str(exc.response.get("Error", {}).get("Code", ""))
-    return ""
+def _env_seconds(name: str, default: float) -> float:
+    text = os.environ.get(name, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {text!r}")
+    return value
+
+
+@dataclasses.dataclass
+class _Ambiguity:
+    """Whether an earlier try of a non-idempotent request may have been applied."""
+
+    maybe_applied: bool = False
+
+    def note(self, exc: BaseException) -> None:
+        # A refused-by-conflict (409) request was not applied; any other transient failure may have been.
+        if _code(exc) != "ConditionalRequestConflict":
+            self.maybe_applied = True
 
 
 class S3Store(ObjectStore):
     """Objects below ``prefix`` in ``bucket``; key ``a/b`` is the S3 key ``prefix/a/b``.
 
     ``conditional_put``: ``None`` probes the server on first use (see the module
-    docstring); ``True``/``False`` skip the probe when the server is known.
+    docstring); ``True``/``False`` skip the probe when the server is known. ``retry``:
+    the policy for every request (default :meth:`RetryPolicy.from_env`).
     """
 
     def __init__(
@@ -74,10 +128,11 @@ class S3Store(ObjectStore):
         endpoint_url: str | None = None,
         region_name: str | None = None,
         max_pool_connections: int = 32,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-        max_attempts: int = 5,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
         conditional_put: bool | None = None,
+        multipart_part_size: int = 16 << 20,
     ) -> None:
         super().__init__()
         if not _BUCKET_RE.fullmatch(bucket):
@@ -86,11 +141,17 @@ class S3Store(ObjectStore):
         self.prefix = prefix.strip("/")
         if self.prefix:
             check_key(self.prefix)
+        if multipart_part_size < MIN_PART_SIZE:
+            raise ValueError(f"multipart part size {multipart_part_size} is below S3's minimum of {MIN_PART_SIZE} bytes")
+        self.retry = retry or RetryPolicy.from_env()
+        self.part_size = multipart_part_size
+        self._part_workers = max(1, min(10, max_pool_connections))
         config = botocore.config.Config(
             max_pool_connections=max_pool_connections,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout or _env_seconds("LAYERVAULT_S3_CONNECT_TIMEOUT", 5.0),
+            read_timeout=read_timeout or _env_seconds("LAYERVAULT_S3_READ_TIMEOUT", 30.0),
+            # Exactly one retry policy, ours: botocore sends each request once.
+            retries={"mode": "standard", "total_max_attempts": 1},  # ("max_attempts" would count retries only)
             s3={"addressing_style": "path"},
             tcp_keepalive=True,
         )
@@ -100,12 +161,11 @@ class S3Store(ObjectStore):
         session.register_component("data_loader", _LOADER)
         self._client: Any = session.create_client("s3", region_name=region_name, endpoint_url=endpoint_url,
                                                   config=config)
+        credentials = session.get_credentials()
+        if credentials is not None:  # masked in every log record and status message from now on
+            frozen = credentials.get_frozen_credentials()
+            redact.register((frozen.access_key, frozen.secret_key, frozen.token))
         self.endpoint = str(self._client.meta.endpoint_url)
-        self._transfer = boto3.s3.transfer.TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD,
-            multipart_chunksize=16 << 20,
-            max_concurrency=max(1, min(10, max_pool_connections)),
-        )
         self._conditional: bool | None = conditional_put
         self._probe_lock = threading.Lock()
 
@@ -128,7 +188,11 @@ class S3Store(ObjectStore):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _error(self, op: str, key: str | None, exc: BaseException) -> StorageError:
-        """One botocore failure as a StorageError naming operation, bucket, key, endpoint."""
+        """One botocore failure as a StorageError naming operation, bucket, key, endpoint
+        (and, after retries, how many attempts were made over how long)."""
+        tries = ""
+        if isinstance(exc, RetriesExhausted):
+            tries, exc = f"{exc.summary()}; last error: ", exc.last
         where = f"s3://{self.bucket}/{key}" if key is not None else f"bucket {self.bucket!r}"
         code = _code(exc)
         if code in _NOT_FOUND_CODES:
@@ -141,7 +205,26 @@ class S3Store(ObjectStore):
             detail = f"{code or 'error'} (HTTP {status}): {err.get('Message', '')}".rstrip(": ")
         else:
             detail = f"{type(exc).__name__}: {exc}"
-        return StorageError(f"{op} {where} at {self.endpoint} failed: {detail}")
+        return StorageError(f"{op} {where} at {self.endpoint} failed: {tries}{detail}")
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.stats.add(retries=1)
+        log.debug("retrying after a transient S3 failure: %s", exc)
+
+    def _run(self, op: str, key: str | None, fn: Callable[[], T], *,
+             retryable: Callable[[BaseException], bool] = is_transient,
+             on_retry: Callable[[BaseException], None] | None = None) -> T:
+        """Call ``fn`` (one idempotent request) under the retry policy; failures become StorageError."""
+
+        def note(exc: BaseException) -> None:
+            self._count_retry(exc)
+            if on_retry is not None:
+                on_retry(exc)
+
+        try:
+            return call_with_retries(fn, self.retry, retryable=retryable, on_retry=note)
+        except (RetriesExhausted, *_S3Error) as exc:
+            raise self._error(op, key, exc) from (exc.last if isinstance(exc, RetriesExhausted) else exc)
 
     # -- conditional create ---------------------------------------------------------------
 
@@ -152,10 +235,15 @@ class S3Store(ObjectStore):
             return self._conditional
 
     def _probe_conditional_put(self) -> bool:
-        """Write a probe key twice, the second time with If-None-Match; trust only a refusal."""
+        """Write a probe key twice, the second time with If-None-Match; trust only a refusal.
+
+        Retrying the second write is safe: a server that ignores the header accepts it
+        again (False either way), one that honours it refuses the retry too.
+        """
         probe = self._key(f".layervault-probe-{uuid.uuid4().hex}")
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"1")
+        op = "probe of If-None-Match on"
+
+        def second_create() -> bool:
             try:
                 self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"2", IfNoneMatch="*")
                 return False  # accepted a second create: the header is ignored
@@ -165,10 +253,12 @@ class S3Store(ObjectStore):
                 if _code(exc) in ("NotImplemented", "InvalidArgument", "InvalidRequest", "501", "400"):
                     return False
                 raise
-            finally:
-                self._client.delete_object(Bucket=self.bucket, Key=probe)
-        except _S3Error as exc:
-            raise self._error("probe of If-None-Match on", probe, exc) from exc
+
+        self._run(op, probe, lambda: self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"1"))
+        try:
+            return self._run(op, probe, second_create)
+        finally:
+            self._run(f"delete after {op}", probe, lambda: self._client.delete_object(Bucket=self.bucket, Key=probe))
 
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
         full = self._key(key)
@@ -179,55 +269,103 @@ class S3Store(ObjectStore):
                 return False
             self.put(key, data)
             return True
-        for attempt in range(_CONFLICT_RETRIES):
+        body = bytes(data)
+        ambiguity = _Ambiguity()
+
+        def create() -> bool:
             try:
-                self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data), IfNoneMatch="*")
-                break
-            except _S3Error as exc:
-                code = _code(exc)
-                if code == "PreconditionFailed":
-                    self.stats.add(puts=1)
-                    return False
-                if code == "ConditionalRequestConflict" and attempt < _CONFLICT_RETRIES - 1:
-                    # Another create of this key is in flight; its outcome decides ours.
-                    time.sleep(0.05 * 2**attempt)
-                    continue
-                if code == "ConditionalRequestConflict":
-                    self.stats.add(puts=1)
-                    return False
-                raise self._error("put_if_absent", full, exc) from exc
-        self.stats.add(puts=1, put_bytes=len(data))
-        return True
+                self._client.put_object(Bucket=self.bucket, Key=full, Body=body, IfNoneMatch="*")
+                return True
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) != "PreconditionFailed":
+                    raise
+            if not ambiguity.maybe_applied:
+                return False
+            # An earlier try failed in a way that may have created the object: whose is it?
+            self.stats.add(gets=1)
+            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read() == body
+
+        def retryable(exc: BaseException) -> bool:
+            # 409: another create of this key is in flight; its outcome decides ours.
+            return is_transient(exc) or _code(exc) == "ConditionalRequestConflict"
+
+        created = self._run("put_if_absent", full, create, retryable=retryable, on_retry=ambiguity.note)
+        self.stats.add(puts=1, put_bytes=len(data) if created else 0)
+        return created
 
     # -- ObjectStore --------------------------------------------------------------------
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         full = self._key(key)
-        try:
-            if len(data) > MULTIPART_THRESHOLD:
-                # Concurrent part uploads; BytesIO over bytes shares the buffer, no copy.
-                with boto3.s3.transfer.create_transfer_manager(self._client, self._transfer) as transfer:
-                    transfer.upload(io.BytesIO(data), self.bucket, full).result()
-            else:
-                # botocore refuses a memoryview body; bytes() of a bytes object is no copy.
-                self._client.put_object(Bucket=self.bucket, Key=full, Body=bytes(data))
-        except _S3Error as exc:
-            raise self._error("put", full, exc) from exc
+        if len(data) > MULTIPART_THRESHOLD:
+            self._put_multipart(full, memoryview(data))
+        else:
+            # botocore refuses a memoryview body; bytes() of a bytes object is no copy.
+            body = bytes(data)
+            self._run("put", full, lambda: self._client.put_object(Bucket=self.bucket, Key=full, Body=body))
         self.stats.add(puts=1, put_bytes=len(data))
+
+    def _put_multipart(self, full: str, data: memoryview) -> None:
+        """Upload in parts of ``part_size``, concurrently; each part is retried on its own,
+        and a failed upload is aborted so none of its parts stay behind."""
+        upload_id: str = self._run("create multipart upload of", full, lambda: self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=full)["UploadId"])
+        spans = [(number, start, min(start + self.part_size, len(data)))
+                 for number, start in enumerate(range(0, len(data), self.part_size), start=1)]
+
+        def put_part(span: tuple[int, int, int]) -> dict[str, Any]:
+            number, start, stop = span
+            body = bytes(data[start:stop])
+            etag = self._run(f"put part {number} of {len(spans)} of", full, lambda: self._client.upload_part(
+                Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body)["ETag"])
+            return {"PartNumber": number, "ETag": etag}
+
+        pool = ThreadPoolExecutor(min(self._part_workers, len(spans)), thread_name_prefix="lv-s3-part")
+        try:
+            parts = list(pool.map(put_part, spans))
+            pool.shutdown()
+            self._complete_multipart(full, upload_id, parts, len(data))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            try:
+                self.abort_uploads([IncompleteUpload(self._relative(full), upload_id)])
+            except StorageError as exc:
+                log.warning("%s; the attempt's cleanup will abort it later", exc)
+            raise
+
+    def _complete_multipart(self, full: str, upload_id: str, parts: list[dict[str, Any]], size: int) -> None:
+        ambiguity = _Ambiguity()
+
+        def complete() -> None:
+            try:
+                self._client.complete_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id,
+                                                       MultipartUpload={"Parts": parts})
+            except botocore.exceptions.ClientError as exc:
+                # A lost reply to a completion that went through: the upload is gone, the object is there.
+                if not (ambiguity.maybe_applied and _code(exc) == "NoSuchUpload"):
+                    raise
+                if self._client.head_object(Bucket=self.bucket, Key=full)["ContentLength"] != size:
+                    raise
+
+        self._run("complete multipart upload of", full, complete, on_retry=ambiguity.note)
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.prefix) + 1:] if self.prefix else full
 
     def get(self, key: str, byte_range: ByteRange | None = None) -> bytes:
         full = self._key(key)
-        try:
+
+        def fetch() -> bytes:  # the body is read inside, so a reset mid-body is retried too
             if byte_range is not None and byte_range.length == 0:
                 # HTTP cannot ask for zero bytes; still fail like any get if the object is missing.
                 self._client.head_object(Bucket=self.bucket, Key=full)
-                data = b""
-            elif byte_range is None:
-                data = self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
-            else:
-                data = self._get_range(full, byte_range)
-        except _S3Error as exc:
-            raise self._error("get", full, exc) from exc
+                return b""
+            if byte_range is None:
+                body: bytes = self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+                return body
+            return self._get_range(full, byte_range)
+
+        data = self._run("get", full, fetch)
         self.stats.add(gets=1, get_bytes=len(data))
         return data
 
@@ -249,13 +387,17 @@ class S3Store(ObjectStore):
     def exists(self, key: str) -> bool:
         """True if the object exists. (A HEAD cannot tell a missing bucket from a missing key.)"""
         full = self._key(key)
-        try:
-            self._client.head_object(Bucket=self.bucket, Key=full)
-        except _S3Error as exc:
-            if _code(exc) in _NOT_FOUND_CODES:
-                return False
-            raise self._error("exists", full, exc) from exc
-        return True
+
+        def head() -> bool:
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=full)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) in _NOT_FOUND_CODES:
+                    return False
+                raise
+            return True
+
+        return self._run("exists", full, head)
 
     def list(self, prefix: str) -> Iterator[str]:
         """Keys starting with ``prefix``, sorted; all pages are fetched before this returns.
@@ -268,24 +410,41 @@ class S3Store(ObjectStore):
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         self.stats.add(lists=1)
-        found: list[str] = []
-        try:
-            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                found.extend(obj["Key"][strip:] for obj in page.get("Contents", ()))
-        except _S3Error as exc:
-            raise self._error("list", full + "*", exc) from exc
+        found = [obj["Key"][strip:] for page in self._list_pages(full) for obj in page.get("Contents", ())]
         return iter(sorted(found))
+
+    def _list_pages(self, full: str) -> Iterator[dict[str, Any]]:
+        """ListObjectsV2 pages of the S3 prefix ``full``, each page retried on its own (a
+        retry repeats one page, not the whole listing); a failure raises, never ends early."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page: dict[str, Any] = self._run("list", full + "*", lambda: self._client.list_objects_v2(**kwargs))
+            yield page
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return
+
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Like :meth:`list`, with size and LastModified (the server's clock) of each object."""
+        if "\x00" in prefix or prefix.startswith("/"):
+            raise ValueError(f"invalid list prefix {prefix!r}")
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        self.stats.add(lists=1)
+        found = [ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
+                 for page in self._list_pages(full) for obj in page.get("Contents", ())]
+        return iter(sorted(found, key=lambda info: info.key))
 
     def delete(self, keys: Sequence[str]) -> None:
         fulls = [self._key(key) for key in keys]
         for start in range(0, len(fulls), _DELETE_BATCH):
             batch = fulls[start : start + _DELETE_BATCH]
-            try:
-                resp = self._client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
-                )
-            except _S3Error as exc:
-                raise self._error(f"delete ({len(batch)} keys)", batch[0], exc) from exc
+            request = {"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            resp = self._run(f"delete ({len(batch)} keys)", batch[0],
+                             lambda: self._client.delete_objects(Bucket=self.bucket, Delete=request))
             self.stats.add(deletes=len(batch))
             errors = [e for e in resp.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
             if errors:
@@ -294,11 +453,44 @@ class S3Store(ObjectStore):
                     f"delete in s3://{self.bucket} at {self.endpoint}: {len(errors)} of {len(batch)} keys failed: {shown}"
                 )
 
+    def incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
+        """Multipart uploads open below ``prefix``, all pages fetched; an error is never "none"."""
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        found: list[IncompleteUpload] = []
+        markers: dict[str, str] = {}
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, **markers}
+            page = self._run("list multipart uploads in", full + "*", lambda: self._client.list_multipart_uploads(**kwargs))
+            found.extend(IncompleteUpload(self._relative(u["Key"]), u["UploadId"]) for u in page.get("Uploads", ()))
+            if not page.get("IsTruncated"):
+                return found
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+
+    def abort_uploads(self, uploads: list[IncompleteUpload]) -> None:
+        for upload in uploads:
+            full = self._key(upload.key)
+
+            def abort(upload_id: str = upload.upload_id) -> None:
+                try:
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+                except botocore.exceptions.ClientError as exc:
+                    if _code(exc) not in ("NoSuchUpload", "404"):
+                        raise
+
+            self._run(f"abort multipart upload {upload.upload_id} of", full, abort)
+
     def check(self) -> None:
-        """Prove the bucket exists and the credentials may list, write, read and delete."""
+        """Prove the bucket exists and the credentials may list, write, read and delete.
+
+        The first request is tried only a few times within seconds: an agent started
+        against a wrong endpoint should say so at once, not after the full retry deadline.
+        """
         try:
-            self._client.head_bucket(Bucket=self.bucket)
-        except _S3Error as exc:
+            call_with_retries(lambda: self._client.head_bucket(Bucket=self.bucket), _CHECK_RETRY,
+                              on_retry=self._count_retry)
+        except (RetriesExhausted, *_S3Error) as exc:
+            if isinstance(exc, RetriesExhausted):
+                exc = exc.last
             code = _code(exc)
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise StorageError(
@@ -312,9 +504,10 @@ class S3Store(ObjectStore):
                 ) from exc
             raise StorageError(f"check of {self.url}: {self._error('HeadBucket', None, exc)}") from exc
         try:
-            self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
-        except _S3Error as exc:
-            raise StorageError(f"check of {self.url}: {self._error('ListObjectsV2 in', None, exc)}") from exc
+            self._run("ListObjectsV2 in", None,
+                      lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1))
+        except StorageError as exc:
+            raise StorageError(f"check of {self.url}: {exc}") from exc
         try:
             super().check()  # put, get and delete of a probe key below the prefix
         except StorageError as exc:
@@ -326,12 +519,14 @@ class S3Store(ObjectStore):
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if region and region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        try:
-            self._client.create_bucket(**kwargs)
-        except _S3Error as exc:
-            if _code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                return
-            raise self._error("create_bucket", None, exc) from exc
+        def create() -> None:
+            try:
+                self._client.create_bucket(**kwargs)
+            except botocore.exceptions.ClientError as exc:
+                if _code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+        self._run("create_bucket", None, create)
 
     def close(self) -> None:
         self._client.close()

@@ -26,6 +26,7 @@ from layervault.config import ModelConfig, OptimizerConfig
 from layervault.manager_base import ManagerBase, Specs, check_compatible, stored_specs, summary
 from layervault.dtypes import itemsize_of
 from layervault.errors import IncompatibleStateError, InvalidArgumentError
+from layervault import incarnation
 from layervault.placement import assign_owners
 from layervault.proto import manifest_pb2
 from layervault.tensorflow.distribute import rank_and_world
@@ -42,6 +43,15 @@ from layervault.tensorflow.variables import (
 class _Manager(ManagerBase):
     framework = "tensorflow"
 
+    def __init__(self, config: ModelConfig | OptimizerConfig, agent: str | AgentClient | None = None,
+                 shared_memory: bool | None = None) -> None:
+        super().__init__(config, agent, shared_memory)
+        # The job's incarnation (layervault.incarnation). Multi-worker strategies offer no
+        # collective here to agree on one, so without a launcher's LAYERVAULT_INCARNATION their
+        # ranks send none and the coordinator joins them by rank number, as before incarnations.
+        self._launcher_incarnation = incarnation.from_environment()
+        self._process_incarnation = self._launcher_incarnation or incarnation.fresh()
+
     def _save(self, values: Mapping[str, Any], step: int, keys: Mapping[str, Any], extra: Mapping[str, str],
               overwrite: bool, strategy: Any) -> SaveHandle:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -57,7 +67,9 @@ class _Manager(ManagerBase):
                 array = to_numpy(value)
                 mine.append(SaveEntry(name, whole_layout(array), ArraySource(array)))
         ref = CheckpointRef(self.config.job, self.kind, step)
-        return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite)
+        run = self._process_incarnation if world_size == 1 else self._launcher_incarnation
+        return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite,
+                                incarnation=run, **self._lifecycle_options())
 
     def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, np.ndarray]:
         wanted = set(names)

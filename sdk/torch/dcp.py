@@ -7,7 +7,9 @@
 DCP call order and what each step does here (see ``torch/distributed/checkpoint/storage.py``):
 
 Save - (all ranks) ``set_up_storage_writer``, ``prepare_local_plan``; (coordinator)
-``prepare_global_plan``; (all ranks) ``write_data``: every item (tensor shard or DCP's
+``prepare_global_plan`` names the save's incarnation (:mod:`layervault.incarnation`: the
+launcher's, else a fresh id) in every rank's plan, so a save after a restart replaces an
+attempt the dead run left open; (all ranks) ``write_data``: every item (tensor shard or DCP's
 serialized bytes) becomes one entry of this rank's save, handed to the node agent like any
 other (shared memory on the same node); the save is opened with ``needs_seal``, so it cannot
 commit yet. (coordinator) ``finish``: DCP's metadata that storage cannot derive (tensor
@@ -55,6 +57,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from layervault.agent.manifest import encode_keys
 from layervault.client import AgentClient, CheckpointRef, SaveEntry, SaveHandle, agent_client
 from layervault.errors import InvalidArgumentError, ManifestError
+from layervault.incarnation import from_environment, fresh
 from layervault.proto import manifest_pb2
 from layervault.dtypes import itemsize_of as itemsize
 from layervault.torch.dtypes import dtype_name, torch_dtype
@@ -132,7 +135,8 @@ class AgentStorageWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return plans
+        run = _Incarnation(from_environment() or fresh())
+        return [dataclasses.replace(plan, storage_data=run) for plan in plans]
 
     def _ref(self) -> CheckpointRef:
         return CheckpointRef(self.job, self.kind, int(self.step))  # type: ignore[arg-type]
@@ -154,8 +158,9 @@ class AgentStorageWriter(StorageWriter):
             entries.append(SaveEntry(item.index.fqn, layout, source))
             results.append(WriteResult(index=item.index, size_in_bytes=source.nbytes, storage_data=None))
         rank, world_size = rank_and_world()
+        run = plan.storage_data.id if isinstance(plan.storage_data, _Incarnation) else from_environment()
         self._handle = self.client.save(self._ref(), rank, world_size, self.config, self.keys, {}, entries,
-                                        overwrite=self.overwrite, needs_seal=True)
+                                        overwrite=self.overwrite, needs_seal=True, incarnation=run)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -167,6 +172,13 @@ class AgentStorageWriter(StorageWriter):
         if self._handle is None:
             raise InvalidArgumentError("finish() without write_data() on the coordinator rank")
         self._handle.wait(self.timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Incarnation:
+    """SavePlan.storage_data: the save's incarnation, chosen once by the coordinator rank."""
+
+    id: str
 
 
 def encode_dcp_metadata(metadata: Metadata) -> str:

@@ -5,6 +5,10 @@ are taken to be replicated across ranks (DDP): each is stored once, by the rank
 :func:`~layervault.placement.assign_owners` picks. Loading validates every name,
 shape and dtype against the manifest and fetches everything before touching the target,
 so a failed load changes nothing.
+
+Create managers on every rank, at the same point: with torch.distributed initialised and
+no launcher-given incarnation, construction is a collective (rank 0 broadcasts this run's
+incarnation, :mod:`layervault.torch.incarnation`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from layervault.manager_base import check_compatible as check_specs
 from layervault.errors import IncompatibleStateError, InvalidArgumentError, NotFoundError
 from layervault.proto import manifest_pb2
 from layervault.torch.dtypes import dtype_name
+from layervault.torch.incarnation import job_incarnation
 from layervault.placement import assign_owners
 from layervault.torch.tensors import TensorSink, TensorSource, whole_layout
 
@@ -41,6 +46,13 @@ def rank_and_world() -> tuple[int, int]:
 class _Manager(ManagerBase):
     framework = "torch"
 
+    def __init__(self, config: ModelConfig | OptimizerConfig, agent: str | AgentClient | None = None,
+                 shared_memory: bool | None = None) -> None:
+        super().__init__(config, agent, shared_memory)
+        #: This run of the job, the same on all ranks: a restarted job's saves replace the
+        #: attempt its dead predecessor left open instead of joining it.
+        self.incarnation = job_incarnation()
+
     def _save(self, tensors: StateDict, step: int, keys: Mapping[str, Any], extra: Mapping[str, str],
               overwrite: bool) -> SaveHandle:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -54,7 +66,8 @@ class _Manager(ManagerBase):
         owners = assign_owners({n: t.numel() * t.element_size() for n, t in tensors.items()}, world_size)
         mine = [SaveEntry(n, whole_layout(t), TensorSource(t)) for n, t in tensors.items() if owners[n] == rank]
         ref = CheckpointRef(self.config.job, self.kind, step)
-        return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite)
+        return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite,
+                                incarnation=self.incarnation, **self._lifecycle_options())
 
     def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, torch.Tensor]:
         """Whole tensors for ``names``; sharded entries (saved through DCP) are reassembled."""

@@ -1,0 +1,220 @@
+"""layervault on a local multi-node Ray cluster (``ray.cluster_utils.Cluster``).
+
+Topology: a head node (no CPUs: coordinator actor + one agent actor) and two worker nodes
+(2 CPUs each: one agent actor + two rank actors each). The four rank actors form one gloo
+group, name no agent, and must reach the agent of their own node through ``layervault.ray``.
+Storage is the real S3 server of the session (credentials handed to the service actors
+through ``up(env=...)``), or a local folder for the cheaper checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+import layervault.ray as lvray
+from layervault.errors import InvalidArgumentError, UnavailableError
+from layervault.ray.cli import passed_env
+from layervault.ray.naming import agent_socket_path
+
+pytestmark = pytest.mark.slow
+
+TESTS_DIR = str(pathlib.Path(__file__).parent)
+NODE_ARGS = dict(object_store_memory=100 << 20)  # the smallest store Ray accepts without complaint
+SERVICE_ARGS = dict(staging_mib=16, chunk_mib=1, cache_mib=16, coordinator_host="127.0.0.1", coordinator_port=0)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head + 2 worker nodes on this machine; the driver is connected to it."""
+    local = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False, **NODE_ARGS))
+    for _ in range(2):
+        local.add_node(num_cpus=2, **NODE_ARGS)
+    local.wait_for_nodes()
+    # The rank actor's module lives next to this file; Ray workers import it from there.
+    ray.init(address=local.address, runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR}}, log_to_driver=False)
+    try:
+        yield local
+    finally:
+        ray.shutdown()
+        local.shutdown()
+
+
+@pytest.fixture
+def socket_dir():
+    """A short directory for the agents' sockets (unix socket paths are limited to 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="lvray-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def deployed():
+    """Whatever a test brought up is taken down again, and the cluster is left without layervault."""
+    yield
+    lvray.down(grace=0)
+    assert not lvray.status().deployed
+
+
+def _worker_nodes(cluster: Cluster) -> list[str]:
+    return [node.node_id for node in cluster.worker_nodes]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(job: str, nodes: list[str]) -> list[ray.actor.ActorHandle]:
+    """Four rank actors, two on each of ``nodes``, in one gloo group."""
+    from ray_ranks import RankActor
+
+    master = f"127.0.0.1:{_free_port()}"
+    rank_cls = ray.remote(RankActor)
+    # Half a CPU each: a node's two savers and two fresh loaders fit at once.
+    return [rank_cls.options(num_cpus=0.5, scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[rank // 2], soft=False))
+            .remote(job, rank, 4, master) for rank in range(4)]
+
+
+def _all(refs: list[ray.ObjectRef]) -> list:
+    """The results of rank calls, with a bound: a stuck collective fails the test instead of hanging it."""
+    return ray.get(refs, timeout=180)
+
+
+def _assert_identical(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def _wait_for_new_incarnation(actor: ray.actor.ActorHandle, old_pid: int) -> lvray.AgentInfo:
+    """``ray.kill`` returns at once and the old process may answer a little longer: poll."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        info = ray.get(actor.info.remote(), timeout=120)
+        if info.pid != old_pid:
+            return info
+        time.sleep(0.2)
+    raise AssertionError("Ray did not restart the killed agent actor within 120 s")
+
+
+def test_four_ranks_save_restore_and_survive_an_agent_kill(cluster, s3_bucket, socket_dir, deployed):
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    state = lvray.up(f"s3://{s3_bucket}/ray", socket_dir=socket_dir, env=aws, **SERVICE_ARGS)
+    assert state.healthy
+    agents = {a.node_id: a.info for a in state.agents}
+    assert set(agents) == {n["NodeID"] for n in ray.nodes()}
+    assert len({info.address for info in agents.values()}) == 3   # one socket per node, although one machine
+
+    again = lvray.up(f"s3://{s3_bucket}/ray", socket_dir=socket_dir, env=aws, **SERVICE_ARGS)  # idempotent
+    assert again.coordinator.address == state.coordinator.address
+    assert {a.node_id: a.info.pid for a in again.agents} == {n: i.pid for n, i in agents.items()}
+
+    nodes = _worker_nodes(cluster)
+    ranks = _ranks("ray-job", nodes)
+    for rank, (node_id, address) in enumerate(_all([r.where.remote() for r in ranks])):
+        assert node_id == nodes[rank // 2]
+        assert address == agents[node_id].address   # found by itself: no agent= and no LAYERVAULT_AGENT
+
+    _all([r.train_and_save.remote(1) for r in ranks])
+    saved = _all([r.train_and_save.remote(2) for r in ranks])
+
+    fresh = _ranks("ray-job", nodes)
+    for got, want in zip(_all([r.load_fresh.remote(2) for r in fresh]), saved):
+        _assert_identical(got, want)
+    _all([r.close.remote() for r in fresh])
+    for r in fresh:
+        ray.kill(r)
+
+    victim = ray.get_actor(lvray.agent_actor_name(nodes[1]), namespace=lvray.NAMESPACE)
+    before = ray.get(victim.info.remote())
+    ray.kill(victim, no_restart=False)
+    after = _wait_for_new_incarnation(victim, before.pid)
+    assert after.agent_id != before.agent_id
+    assert after.address == before.address                 # same socket: the ranks' channels reconnect
+    assert after.coordinator == state.coordinator.address  # read afresh from the coordinator actor
+
+    saved = _all([r.train_and_save.remote(3) for r in ranks])  # ranks 2, 3 go through the new agent
+    for got, want in zip(_all([r.load_fresh.remote(3) for r in ranks]), saved):
+        _assert_identical(got, want)
+    assert sorted(ray.get(ranks[0].checkpoints.remote())) == [
+        ("model", 1, 4), ("model", 2, 4), ("model", 3, 4), ("optimizer", 1, 4), ("optimizer", 2, 4), ("optimizer", 3, 4)]
+    assert lvray.status().healthy
+    _all([r.close.remote() for r in ranks])
+
+
+def _cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layervault.cli", "ray", *args, "--address", cluster.address],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_up_again_adds_agents_for_new_nodes_and_the_cli_reports_it(cluster, tmp_path, socket_dir, deployed):
+    storage = (tmp_path / "store").as_uri()
+    lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)
+    late = cluster.add_node(num_cpus=1, **NODE_ARGS)
+    try:
+        cluster.wait_for_nodes()
+        state = lvray.status()
+        assert state.nodes_without_agent == (late.node_id,) and not state.healthy
+        listed = _cli(cluster, "status", "--json")
+        assert listed.returncode == 1, listed.stderr   # not healthy: a node has no agent
+        assert json.loads(listed.stdout)["nodes_without_agent"] == [late.node_id]
+
+        state = lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)
+        assert state.healthy and late.node_id in {a.node_id for a in state.agents}
+        listed = _cli(cluster, "status")
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.count("serving") == 4 and state.coordinator.address in listed.stdout
+    finally:
+        cluster.remove_node(late)
+
+    state = lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)   # the agent of the removed node goes
+    assert late.node_id not in {a.node_id for a in state.agents} and len(state.agents) == 3
+
+    stopped = _cli(cluster, "down")
+    assert stopped.returncode == 0 and "stopped 4 layervault actors" in stopped.stdout, stopped.stderr
+
+
+def test_errors_name_what_is_wrong(cluster, tmp_path, socket_dir, deployed, monkeypatch):
+    monkeypatch.delenv("LAYERVAULT_AGENT", raising=False)
+    with pytest.raises(UnavailableError, match=r"no layervault agent on Ray node [0-9a-f]+: run `layervault ray up"):
+        lvray.agent_address()
+    from layervault.client import AgentClient
+
+    assert AgentClient().address.startswith("unix:///") and "/ray/" not in AgentClient().address  # not deployed: usual default
+
+    with pytest.raises(InvalidArgumentError, match="ftp://x"):
+        lvray.up("ftp://x")
+    with pytest.raises(InvalidArgumentError, match="staging-mib must be at least 1"):
+        lvray.up("file:///tmp/x", staging_mib=0)
+    with pytest.raises(ValueError, match="longer than the 107 bytes"):
+        agent_socket_path("/tmp/" + "d" * 90, "ab" * 28)
+    with pytest.raises(InvalidArgumentError, match="--pass-env NOPE_\\*: no such variable"):
+        passed_env(["AWS_*", "NOPE_*"], {"AWS_REGION": "x"})
+    assert passed_env(["AWS_*"], {"AWS_REGION": "x", "HOME": "/root"}) == {"AWS_REGION": "x"}
+    with pytest.raises(UnavailableError, match=r"coordinator .* did not start: .*/proc/no-such-dir"):
+        lvray.up("file:///proc/no-such-dir/store", socket_dir=socket_dir, **SERVICE_ARGS)
+    assert not lvray.status().deployed   # nothing half-started is left behind
+
+    storage = (tmp_path / "store").as_uri()
+    lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)
+    with pytest.raises(InvalidArgumentError, match=r"already up .*staging_mib: 16 -> 32.*ray down"):
+        lvray.up(storage, socket_dir=socket_dir, **{**SERVICE_ARGS, "staging_mib": 32})
+    head = next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
+    assert ray.get_runtime_context().get_node_id() == head
+    assert AgentClient().address == lvray.agent_address() == f"unix://{socket_dir}/agent-{head[:16]}.sock"
