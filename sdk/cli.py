@@ -28,6 +28,7 @@ from typing import Sequence
 
 from layervault import lifecycle_cli
 from layervault.errors import LayervaultError
+from layervault.progress import human_bytes as _human
 
 DEFAULT_HOME_STORAGE = pathlib.Path.home() / ".layervault" / "storage"
 
@@ -159,14 +160,6 @@ def _checkpoints(args: argparse.Namespace):  # -> list[CheckpointInfo]
     from layervault.client import AgentClient
 
     return AgentClient(args.agent).list(args.job or "", args.kind or "")
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ import time
 from typing import TextIO
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """Bytes as a person reads them: ``512 B``, ``1.5 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -43,7 +44,7 @@ class ByteProgress:
         fraction = min(1.0, self.done / self.total) if self.total else 1.0
         filled = int(fraction * self.width)
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{self.label}[{bar}] {_human(self.done)} / {_human(self.total)} {fraction:4.0%}")
+        self.stream.write(f"\r{self.label}[{bar}] {human_bytes(self.done)} / {human_bytes(self.total)} {fraction:4.0%}")
         self.stream.flush()
 
     def close(self) -> None:
