@@ -24,7 +24,7 @@ import tempfile
 BENCH = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from s3 import ROOT, Bucket  # noqa: E402  (also puts tests/ on sys.path for s3server)
+from s3 import ROOT, fresh_bucket  # noqa: E402  (also puts tests/ on sys.path for s3server)
 
 from s3server import S3Server  # noqa: E402
 
@@ -77,16 +77,19 @@ def main() -> int:
         with S3Server() as server:
             os.environ.update({"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "layervault",
                                "AWS_SECRET_ACCESS_KEY": "layervault", "AWS_DEFAULT_REGION": "us-east-1"})
-            bucket = Bucket("bench")
-            bucket.client.create_bucket(Bucket=bucket.name)
-            bucket.client.put_object(Bucket=bucket.name, Key="warmup", Body=b"x")
-            storage = f"s3://{bucket.name}/lv"
+            buckets = iter(range(1_000))
+
+            def run_in_fresh_bucket(fn):  # fn(bucket, storage URL) -> result
+                with fresh_bucket(f"bench-{next(buckets)}") as bucket:
+                    return fn(bucket, f"s3://{bucket.name}/lv")
+
             print(f"state: {size / GB:.3f} GB ({args.layers} x Linear(2048, 2048) + Adam), {args.runs} runs", flush=True)
-            floor = floors.floors(bucket, args.runs, model, opt)
+            floor = run_in_fresh_bucket(lambda b, _: floors.floors(b, args.runs, model, opt))
             print("floors done", flush=True)
             systems = []
 
-            def add(result, label: str) -> None:
+            def add(fn, label: str) -> None:
+                result = run_in_fresh_bucket(fn)
                 if isinstance(result, str):
                     skipped[label] = result
                     print(f"{label}: skipped: {result}", flush=True)
@@ -95,22 +98,23 @@ def main() -> int:
                     print(f"{result.name} done", flush=True)
 
             if args.peers:
-                add(peers.torch_save_boto3(bucket, args.runs, model, opt), "torch.save + boto3")
+                add(lambda b, _: peers.torch_save_boto3(b, args.runs, model, opt), "torch.save + boto3")
                 for asynchronous in (False, True):
-                    add(peers.dcp_filesystem(bucket, args.runs, model, opt, workdir, asynchronous), "FileSystemWriter")
+                    add(lambda b, _: peers.dcp_filesystem(b, args.runs, model, opt, workdir, asynchronous), "FileSystemWriter")
                 for asynchronous in (False, True):
                     kind = "async_save" if asynchronous else "save"
-                    add(peers.s3_connector(bucket, args.runs, model, opt, asynchronous), f"s3torchconnector ({kind})")
+                    add(lambda b, _: peers.s3_connector(b, args.runs, model, opt, asynchronous), f"s3torchconnector ({kind})")
             for staging in (2048, 256):
-                add(layervault_runs.managers(storage, staging, args.runs, model, opt, workdir), "layervault")
+                add(lambda _, url: layervault_runs.managers(url, staging, args.runs, model, opt, workdir), "layervault")
             for asynchronous in (False, True):
-                add(layervault_runs.dcp_writer(storage, args.runs, model, opt, workdir, asynchronous), "layervault DCP")
-            grpc = layervault_runs.grpc_handoff(storage, args.runs, model, opt, workdir)
+                add(lambda _, url: layervault_runs.dcp_writer(url, args.runs, model, opt, workdir, asynchronous),
+                    "layervault DCP")
+            grpc = run_in_fresh_bucket(lambda _, url: layervault_runs.grpc_handoff(url, args.runs, model, opt, workdir))
             print(f"gRPC path done: {size / GB / sorted(grpc)[len(grpc) // 2]:.2f} GB/s", flush=True)
             cells = []
             if args.scaling:
                 del model, opt  # the ranks need the memory
-                cells = scaling(storage, args.scaling_sizes, args.scaling_ranks, workdir, skip)
+                cells = run_in_fresh_bucket(lambda _, url: scaling(url, args.scaling_sizes, args.scaling_ranks, workdir, skip))
         note = f"Left out to keep the run short: {', '.join(f'{s:g} GiB x {r} ranks' for s, r in sorted(skip))}." if skip else ""
         run = BenchRun(args.layers, args.runs, size, floor, systems, skipped, grpc, cells, note)
         text = render(run)

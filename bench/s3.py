@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import os
@@ -12,7 +13,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from s3server import client as s3_client  # noqa: E402
+from s3server import client as s3_client, remove_bucket  # noqa: E402
 
 #: 16 MiB parts, 8 in flight: the fastest boto3 settings measured against SeaweedFS on this box.
 PART_BYTES = 16 << 20
@@ -54,3 +55,16 @@ class Bucket:
     def stored_bytes(self, prefix: str) -> int:
         return sum(o["Size"] for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
                    for o in page.get("Contents", []))
+
+
+@contextlib.contextmanager
+def fresh_bucket(name: str):
+    """A bucket for one system's runs, emptied and deleted afterwards: SeaweedFS frees a deleted
+    bucket's volume, so a full run (some 30 GB written) never fills the disk under the server."""
+    bucket = Bucket(name)
+    bucket.client.create_bucket(Bucket=name)
+    bucket.client.put_object(Bucket=name, Key="warmup", Body=b"x")  # volume growth, outside the timings
+    try:
+        yield bucket
+    finally:
+        remove_bucket(bucket.client, name)
