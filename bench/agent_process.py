@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 
 class Up:
     """One `layervault up` child; ``info["agent"]`` is the address ranks dial."""
 
-    def __init__(self, storage: str, staging_mib: int, workdir: pathlib.Path, tag: str = "") -> None:
+    def __init__(self, storage: str, staging_mib: int, workdir: pathlib.Path, tag: str = "",
+                 options: Sequence[str] = ()) -> None:
+        """``options``: more `layervault up` flags (``--chunk-mib 8``...), for bench/focus.py."""
         name = f"{staging_mib}{tag}"
         ready = workdir / f"up-{name}.json"
         ready.unlink(missing_ok=True)
@@ -21,7 +24,7 @@ class Up:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "layervault.cli", "--log-level", "WARNING", "up", "--storage", storage,
              "--socket", str(workdir / f"agent-{name}.sock"), "--staging-mib", str(staging_mib),
-             "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
+             "--ready-file", str(ready), *options], stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))
         deadline = time.monotonic() + 120
         while not ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
