@@ -10,7 +10,7 @@ only when such a tensor is met.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -92,11 +92,18 @@ def shard_sinks(manifest: manifest_pb2.Manifest, indices: Iterable[int]) -> dict
     return {i: ArraySink(manifest.shards[i].layout) for i in indices}
 
 
-def assemble(manifest: manifest_pb2.Manifest, sinks: Mapping[int, ArraySink]) -> dict[str, np.ndarray]:
-    """Whole arrays by entry name from restored shards; shards of one entry are placed at their offsets.
+class ReceivedShard(Protocol):
+    """A restore sink as the assemblers see it: how many bytes of its shard arrived."""
 
-    Raises IncompatibleStateError when a shard arrived incomplete or an entry's shards do
-    not cover its global shape.
+    received: int
+
+
+def group_shards(manifest: manifest_pb2.Manifest, sinks: Mapping[int, ReceivedShard]) -> dict[str, list[int]]:
+    """Restored shard indices by entry name, checked before anything is assembled: every shard
+    arrived whole, and the shards of an entry agree on dtype and global shape and cover it.
+
+    Raises IncompatibleStateError naming the layer otherwise. Shared by the numpy assembler
+    below and the torch managers, which place shards into tensors of their own.
     """
     by_name: dict[str, list[int]] = {}
     for index, sink in sinks.items():
@@ -104,23 +111,36 @@ def assemble(manifest: manifest_pb2.Manifest, sinks: Mapping[int, ArraySink]) ->
         if sink.received != shard.raw_bytes:
             raise IncompatibleStateError(f"layer {shard.name!r}: received {sink.received} of {shard.raw_bytes} bytes")
         by_name.setdefault(shard.name, []).append(index)
-    out = {}
     for name, indices in by_name.items():
         layouts = [manifest.shards[i].layout for i in indices]
         first = layouts[0]
-        if len(indices) == 1 and list(first.local_shape) == list(first.global_shape):
-            out[name] = sinks[indices[0]].array
-            continue
         if any(layout.dtype != first.dtype or list(layout.global_shape) != list(first.global_shape) for layout in layouts):
             raise IncompatibleStateError(f"layer {name!r}: its shards disagree on dtype or global shape")
+        covered, total = sum(math.prod(layout.local_shape) for layout in layouts), math.prod(first.global_shape)
+        if covered != total:
+            raise IncompatibleStateError(f"layer {name!r}: its shards cover {covered} of {total} elements")
+    return by_name
+
+
+def is_whole(manifest: manifest_pb2.Manifest, indices: list[int]) -> bool:
+    """True when an entry was stored as one unsharded shard: its sink already holds the entry."""
+    layout = manifest.shards[indices[0]].layout
+    return len(indices) == 1 and list(layout.local_shape) == list(layout.global_shape)
+
+
+def assemble(manifest: manifest_pb2.Manifest, sinks: Mapping[int, ArraySink]) -> dict[str, np.ndarray]:
+    """Whole arrays by entry name from restored shards; shards of one entry are placed at their
+    offsets. Raises IncompatibleStateError as :func:`group_shards` does."""
+    out = {}
+    for name, indices in group_shards(manifest, sinks).items():
+        if is_whole(manifest, indices):
+            out[name] = sinks[indices[0]].array
+            continue
+        first = manifest.shards[indices[0]].layout
         whole = np.empty(tuple(first.global_shape), dtype=numpy_dtype(first.dtype))
-        covered = 0
-        for index, layout in zip(indices, layouts):
-            region = tuple(slice(o, o + n) for o, n in zip(layout.offsets, layout.local_shape))
-            whole[region] = sinks[index].array
-            covered += math.prod(layout.local_shape)
-        if covered != whole.size:
-            raise IncompatibleStateError(f"layer {name!r}: its shards cover {covered} of {whole.size} elements")
+        for index in indices:
+            layout = manifest.shards[index].layout
+            whole[tuple(slice(o, o + n) for o, n in zip(layout.offsets, layout.local_shape))] = sinks[index].array
         out[name] = whole
     return out
 

@@ -20,6 +20,7 @@ import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
 
 from layervault.agent.manifest import encode_keys
+from layervault.arrays import group_shards, is_whole
 from layervault.checkpoint import Checkpoint
 from layervault.client import AgentClient, CheckpointRef, SaveEntry, SaveHandle
 from layervault.config import ModelConfig, OptimizerConfig
@@ -74,26 +75,15 @@ class _Manager(ManagerBase):
         wanted = set(names)
         sinks = {i: TensorSink(s.layout) for i, s in enumerate(manifest.shards) if s.name in wanted}
         self.client.restore(manifest, names, sinks)
-        by_name: dict[str, list[int]] = {}
-        for index, sink in sinks.items():
-            shard = manifest.shards[index]
-            if sink.received != shard.raw_bytes:
-                raise IncompatibleStateError(f"layer {shard.name!r}: received {sink.received} of {shard.raw_bytes} bytes")
-            by_name.setdefault(shard.name, []).append(index)
         out = {}
-        for name, indices in by_name.items():
-            first = manifest.shards[indices[0]].layout
-            if len(indices) == 1 and list(first.local_shape) == list(first.global_shape):
+        for name, indices in group_shards(manifest, sinks).items():
+            if is_whole(manifest, indices):
                 out[name] = sinks[indices[0]].tensor
                 continue
-            whole = torch.empty(tuple(first.global_shape), dtype=sinks[indices[0]].tensor.dtype)
-            covered = 0
+            whole = torch.empty(tuple(manifest.shards[indices[0]].layout.global_shape), dtype=sinks[indices[0]].tensor.dtype)
             for index in indices:
                 layout = manifest.shards[index].layout
                 narrow_tensor_by_index(whole, list(layout.offsets), list(layout.local_shape)).copy_(sinks[index].tensor)
-                covered += sinks[index].tensor.numel()
-            if covered != whole.numel():
-                raise IncompatibleStateError(f"layer {name!r}: its shards cover {covered} of {whole.numel()} elements")
             out[name] = whole
         return out
 
