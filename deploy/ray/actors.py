@@ -79,14 +79,38 @@ def _coordinator_address(what: str) -> str:
                                "run `layervault ray up` again") from None
 
 
-class CoordinatorActor:
+class _ServiceActor:
+    """What both actors answer: their info once serving (else the reason they are not), and a
+    stop that drains in-flight hand-offs and uploads for up to ``grace`` seconds."""
+
+    role = ""  # "coordinator" / "agent", for the message after a stop
+    _server = None
+    _failure: LayervaultError | None = None
+    _info: CoordinatorInfo | AgentInfo
+
+    def info(self) -> CoordinatorInfo | AgentInfo:
+        if self._failure is not None:
+            raise self._failure
+        return self._info
+
+    def address(self) -> str:
+        return self.info().address
+
+    def stop(self, grace: float) -> None:
+        if self._server is not None:
+            self._server.stop(grace)
+            self._server = None
+        self._failure = UnavailableError(f"layervault {self.role} actor was stopped (layervault ray down)")
+
+
+class CoordinatorActor(_ServiceActor):
     """The cluster's coordinator (named ``layervault-coordinator``, detached)."""
+
+    role = "coordinator"
 
     def __init__(self, options: ServiceOptions) -> None:
         _log_to_stderr()
         self._options = options
-        self._server = None
-        self._failure: LayervaultError | None = None
         node_id = ray.get_runtime_context().get_node_id()
         try:
             from layervault.agent.server import start_coordinator
@@ -103,28 +127,15 @@ class CoordinatorActor:
             host = ray.util.get_node_ip_address()
         self._info = CoordinatorInfo(f"{host}:{self._server.address.rsplit(':', 1)[1]}", node_id, os.getpid(), options)
 
-    def info(self) -> CoordinatorInfo:
-        if self._failure is not None:
-            raise self._failure
-        return self._info
-
-    def address(self) -> str:
-        return self.info().address
-
-    def stop(self, grace: float) -> None:
-        if self._server is not None:
-            self._server.stop(grace)
-            self._server = None
-        self._failure = UnavailableError("layervault coordinator actor was stopped (layervault ray down)")
 
 
-class AgentActor:
+class AgentActor(_ServiceActor):
     """One Ray node's agent (named ``layervault-agent-<node id>``, detached, pinned to the node)."""
+
+    role = "agent"
 
     def __init__(self, node_id: str, options: ServiceOptions) -> None:
         _log_to_stderr()
-        self._server = None
-        self._failure: LayervaultError | None = None
         what = f"layervault agent on Ray node {node_id} did not start"
         try:
             here = ray.get_runtime_context().get_node_id()
@@ -150,17 +161,3 @@ class AgentActor:
         self._info = AgentInfo(node_id, self._server.address, self._server.tcp_address, coordinator_address,
                                self._server.service.agent_id, os.getpid())
 
-    def info(self) -> AgentInfo:
-        if self._failure is not None:
-            raise self._failure
-        return self._info
-
-    def address(self) -> str:
-        return self.info().address
-
-    def stop(self, grace: float) -> None:
-        """Drain in-flight hand-offs and uploads for up to ``grace`` seconds, then stop serving."""
-        if self._server is not None:
-            self._server.stop(grace)
-            self._server = None
-        self._failure = UnavailableError("layervault agent actor was stopped (layervault ray down)")
