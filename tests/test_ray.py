@@ -113,6 +113,14 @@ def _wait_for_new_incarnation(actor: ray.actor.ActorHandle, old_pid: int) -> lvr
     raise AssertionError("Ray did not restart the killed agent actor within 120 s")
 
 
+def _wait_node_dead(node_id: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Ray still lists the removed node {node_id} as alive after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def test_four_ranks_save_restore_and_survive_an_agent_kill(cluster, s3_bucket, socket_dir, deployed):
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     state = lvray.up(f"s3://{s3_bucket}/ray", socket_dir=socket_dir, env=aws, **SERVICE_ARGS)
@@ -183,8 +191,13 @@ def test_up_again_adds_agents_for_new_nodes_and_the_cli_reports_it(cluster, tmp_
     finally:
         cluster.remove_node(late)
 
+    # Ray notices a removed node only after its health checks fail (seconds): an up() meanwhile
+    # must not fail on the agent it cannot reach or re-create there.
+    lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)
+    _wait_node_dead(late.node_id)
     state = lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)   # the agent of the removed node goes
     assert late.node_id not in {a.node_id for a in state.agents} and len(state.agents) == 3
+    assert state.healthy
 
     stopped = _cli(cluster, "down")
     assert stopped.returncode == 0 and "stopped 4 layervault actors" in stopped.stdout, stopped.stderr

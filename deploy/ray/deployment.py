@@ -68,10 +68,16 @@ def _require_ray() -> None:
                                "(or pass --address to `layervault ray`)")
 
 
+class _NodeGone(UnavailableError):
+    """The actor is pinned to a node that no longer exists (Ray notices a removed node only after a while)."""
+
+
 def _get(ref: ray.ObjectRef, timeout: float, what: str) -> Any:
     """``ray.get`` that raises layervault errors: the actor's own, or UnavailableError naming ``what``."""
     try:
         return ray.get(ref, timeout=timeout)
+    except ray.exceptions.ActorUnschedulableError:
+        raise _NodeGone(f"{what} cannot run: its node is gone") from None
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, LayervaultError):
             raise exc.cause from None
@@ -207,9 +213,9 @@ def up(
     nodes = _nodes()
     alive = {node_id for node_id, n in nodes.items() if n["Alive"]}
     agents = _agent_actors()
-    gone = {node_id: actor for node_id, actor in agents.items() if node_id not in alive}
-    for actor in gone.values():
-        ray.kill(actor, no_restart=True)
+    gone = {node_id for node_id in agents if node_id not in alive}
+    for node_id in gone:
+        ray.kill(agents[node_id], no_restart=True)
     for node_id in sorted(alive - agents.keys()):
         strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
         agents[node_id] = (ray.remote(AgentActor)
@@ -225,6 +231,11 @@ def up(
         try:
             info = _get(reply, max(1.0, deadline - time.monotonic()), f"the layervault agent actor of node {node_id}")
         except LayervaultError as exc:
+            if isinstance(exc, _NodeGone) or not _nodes().get(node_id, {}).get("Alive"):
+                # The node left while we deployed (Ray still listed it as alive): not a failure.
+                ray.kill(serving[node_id], no_restart=True)
+                gone.add(node_id)
+                continue
             problems.append(str(exc))
             failed.append(node_id)
             _remove([serving[node_id]], grace=0)  # the next up() creates it afresh
@@ -234,8 +245,9 @@ def up(
             stale[node_id] = info.pid
     for node_id, old_pid in stale.items():
         _wait_restarted(serving[node_id], node_id, old_pid, deadline)
+    # Ray frees names asynchronously: without this wait the status below still lists removed agents.
+    _wait_names_released({agent_actor_name(node_id) for node_id in gone | set(failed)}, timeout)
     if problems:
-        _wait_names_released({agent_actor_name(node_id) for node_id in failed}, timeout)
         raise UnavailableError(f"{len(problems)} of {len(serving)} layervault agents did not start: " + "; ".join(problems))
     return status(timeout=timeout)
 
