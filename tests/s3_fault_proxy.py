@@ -18,6 +18,8 @@ Rules match a method (or ``"*"``) and a regular expression searched in the reque
   the connection closes; not forwarded;
 * ``FORWARD_THEN_RESET``: forwarded, the server's reply is read and thrown away, and the
   client's connection is reset: the request took effect but the client cannot know.
+* ``CORRUPT``: forwarded with one byte of a plain (not chunked) body flipped, as a faulty
+  NIC or middlebox would; the server's reply goes back to the client.
 
 Request bodies are read by Content-Length or as chunked encoding (passed on byte for
 byte), ``Expect: 100-continue`` is answered at once, and client connections are kept alive
@@ -47,6 +49,7 @@ class Fault(str, enum.Enum):
     RESET = "reset"
     HANG = "hang"
     FORWARD_THEN_RESET = "forward-then-reset"
+    CORRUPT = "corrupt"
 
 
 _ERRORS = {
@@ -154,6 +157,11 @@ class _Handler(socketserver.StreamRequestHandler):
                     self._reply(*proxy._forward(request), head=request.method == "HEAD")
                 elif fault in _ERRORS:
                     self._error(request, fault)
+                elif fault is Fault.CORRUPT:
+                    if request.body and "chunked" not in (request.header("transfer-encoding") or "").lower():
+                        middle = len(request.body) // 2
+                        request.body = request.body[:middle] + bytes([request.body[middle] ^ 0x01]) + request.body[middle + 1:]
+                    self._reply(*proxy._forward(request), head=request.method == "HEAD")
                 elif fault is Fault.FORWARD_THEN_RESET:
                     proxy._forward(request)
                     self._reset()

@@ -101,7 +101,7 @@ def _eventually(condition: Callable[[], bool], what: str, timeout: float = 20.0)
 # -- (a) transient failures are retried ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", [Fault.SLOW_DOWN, Fault.INTERNAL, Fault.RESET, Fault.HANG])
+@pytest.mark.parametrize("fault", [Fault.SLOW_DOWN, Fault.INTERNAL, Fault.RESET, Fault.HANG, Fault.CORRUPT])
 def test_transient_chunk_put_failures_are_retried_and_the_save_commits(services, through_proxy, fault):
     failures = 1 if fault is Fault.HANG else 3  # a hang costs one read timeout
     mm = _manager(services, "transient")
@@ -162,6 +162,17 @@ def test_permanent_chunk_failure_fails_the_save_naming_job_step_and_layer(servic
     assert not store.exists(keys.manifest_key("perm", "model", 2))
     assert store.get(keys.latest_key("perm", "model")) == latest_before
     assert torch.equal(mm.load_layer("encoder.weight"), first["encoder.weight"])
+
+
+def test_a_body_damaged_on_the_way_is_refused_by_the_server_and_sent_again(through_proxy, s3_bucket):
+    """Each PUT carries the body's CRC32C: the server refuses a damaged copy (BadDigest), and
+    the retry sends the bytes the agent still holds, so what is stored is what was meant."""
+    store = open_store(f"s3://{s3_bucket}/{PREFIX}")
+    body = bytes(range(256)) * 4096
+    through_proxy.fail("PUT", r"/damaged$", Fault.CORRUPT, times=1)
+    store.put("damaged", body)
+    assert through_proxy.count("PUT", r"/damaged$") == 2 and store.stats.retries == 1
+    assert store.get("damaged") == body
 
 
 def test_errors_that_cannot_heal_are_not_retried(through_proxy, s3_bucket):

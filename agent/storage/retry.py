@@ -38,6 +38,9 @@ TRANSIENT_CODES = frozenset({
     "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded", "BandwidthLimitExceeded",
     "ProvisionedThroughputExceededException", "InternalError", "ServiceUnavailable", "RequestTimeout",
     "RequestTimeoutException", "PriorRequestNotComplete",
+    # The body the server got does not match the checksum we sent: damaged on the way, and
+    # the agent still holds the right bytes, so sending them again is safe.
+    "BadDigest", "XAmzContentChecksumMismatch",
 })
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
