@@ -23,6 +23,7 @@ from layervault.agent import attempt_cleanup
 from layervault.agent.agent_registry import rfc3339
 from layervault.agent.auth import Metadata, forwarded
 from layervault.agent.catalog import Catalog
+from layervault.agent.handoff_gate import HandoffGate
 from layervault.agent.heartbeat import Heartbeat
 from layervault.agent.incremental import ReuseIndex, load_base
 from layervault.agent.journal import JournalFile, SaveJournal, StateDir
@@ -89,6 +90,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.access = self.security.access("agent")
         self.catalog = Catalog(store)
         self.pool = StagingPool(staging_bytes)
+        self.handoffs = HandoffGate(lambda: self.pool.waiters)
         self.state = StateDir(pathlib.Path(state_dir)) if state_dir else None  # save journals: see resume_saves
         self.chunk_size = chunk_size
         self.staging_timeout = staging_timeout
@@ -187,34 +189,35 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         self.access.require(context, first.open.id.job, "save")  # before any work or any memory
         session = self._open_session(first.open, forwarded(context))
         finished = False
-        try:
-            yield agent_pb2.SaveReply(opened=agent_pb2.SaveOpened(
-                save_id=session.save_id, pool_path=str(self.pool.path) if first.open.shared_memory else "",
-                pool_size=self.pool.size, chunk_size=self.chunk_size))
-            for req in request_iterator:
-                kind = req.WhichOneof("kind")
-                if kind == "reserve":
-                    offset, length = session.reserve(req.reserve, self.staging_timeout)
-                    yield agent_pb2.SaveReply(reserved=agent_pb2.Reservation(offset=offset, length=length))
-                elif kind == "stage":
-                    session.stage(list(req.stage.pieces))
-                elif kind == "data":
-                    session.stage_data(req.data, self.staging_timeout)
-                elif kind == "finish":
-                    staged = session.finish()
-                    finished = True
-                    yield agent_pb2.SaveReply(finished=agent_pb2.SaveFinished(staged_bytes=staged))
-                    return
-                else:
-                    raise InvalidArgumentError(f"unexpected {kind} message in a Save stream")
-            raise SaveFailedError(f"{session.label}: the rank closed its stream before finishing the hand-off")
-        except BaseException as exc:
-            if not finished:
-                reason = str(exc) if isinstance(exc, LayervaultError) else f"hand-off interrupted ({type(exc).__name__}: {exc})"
-                if context.is_active() is False and not isinstance(exc, LayervaultError):
-                    reason = "the rank disconnected during the hand-off"
-                session.abort(reason)
-            raise
+        with self.handoffs.handoff():  # uploads defer to this rank until it finished
+            try:
+                yield agent_pb2.SaveReply(opened=agent_pb2.SaveOpened(
+                    save_id=session.save_id, pool_path=str(self.pool.path) if first.open.shared_memory else "",
+                    pool_size=self.pool.size, chunk_size=self.chunk_size))
+                for req in request_iterator:
+                    kind = req.WhichOneof("kind")
+                    if kind == "reserve":
+                        offset, length = session.reserve(req.reserve, self.staging_timeout)
+                        yield agent_pb2.SaveReply(reserved=agent_pb2.Reservation(offset=offset, length=length))
+                    elif kind == "stage":
+                        session.stage(list(req.stage.pieces))
+                    elif kind == "data":
+                        session.stage_data(req.data, self.staging_timeout)
+                    elif kind == "finish":
+                        staged = session.finish()
+                        finished = True
+                        yield agent_pb2.SaveReply(finished=agent_pb2.SaveFinished(staged_bytes=staged))
+                        return
+                    else:
+                        raise InvalidArgumentError(f"unexpected {kind} message in a Save stream")
+                raise SaveFailedError(f"{session.label}: the rank closed its stream before finishing the hand-off")
+            except BaseException as exc:
+                if not finished:
+                    reason = str(exc) if isinstance(exc, LayervaultError) else f"hand-off interrupted ({type(exc).__name__}: {exc})"
+                    if context.is_active() is False and not isinstance(exc, LayervaultError):
+                        reason = "the rank disconnected during the hand-off"
+                    session.abort(reason)
+                raise
 
     def _open_session(self, open_msg: agent_pb2.SaveOpen, auth: Metadata = ()) -> SaveSession:
         """``auth``: the rank's token metadata, passed on with every coordinator call of this save."""
@@ -237,7 +240,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             reuse = ReuseIndex(base, open_msg.config.compressor)
         session = SaveSession(open_msg, save_id, self.pool, self.store, self.uploads, self.chunk_size,
                               lambda done: self.reports.submit(self._session_done, done, auth), metrics=self.metrics,
-                              reuse=reuse, journal=self._journal(open_msg, save_id, auth))
+                              reuse=reuse, journal=self._journal(open_msg, save_id, auth), gate=self.handoffs)
         with self._lock:
             self._sessions[(id_.job, id_.kind, id_.step, open_msg.rank)] = session
         self.metrics.saves_started.inc()
@@ -402,9 +405,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     with held_lock:
                         held[offset] = length
                     piece = agent_pb2.RestorePiece(shard=chunk.shard, shard_offset=chunk.shard_offset, pool_offset=offset, length=n)
+                    yield agent_pb2.RestoreReply(piece=piece)
                 else:
-                    piece = agent_pb2.RestorePiece(shard=chunk.shard, shard_offset=chunk.shard_offset, length=n, data=bytes(chunk.data))
-                yield agent_pb2.RestoreReply(piece=piece)
+                    # Fields set in place: RestoreReply(piece=RestorePiece(data=...)) copies the bytes once more.
+                    reply = agent_pb2.RestoreReply()
+                    reply.piece.shard, reply.piece.shard_offset, reply.piece.length = chunk.shard, chunk.shard_offset, n
+                    reply.piece.data = bytes(chunk.data)
+                    yield reply
             yield agent_pb2.RestoreReply(done=True)
             if releaser:
                 releaser.join(timeout=self.staging_timeout)

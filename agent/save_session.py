@@ -19,6 +19,7 @@ from typing import Callable
 
 from layervault.agent import keys
 from layervault.agent.checksum import crc32c
+from layervault.agent.handoff_gate import HandoffGate
 from layervault.agent.codecs import CodecChain, choose_chain
 from layervault.agent.incremental import DIGEST_ALGORITHM, ReuseIndex, chunk_digest, shard_digest
 from layervault.agent.journal import DurableChunk, JournalFile, SaveJournal, StagedPiece, pending_pieces
@@ -111,6 +112,7 @@ class SaveSession:
         metrics: AgentMetrics | None = None,
         journal: JournalFile | None = None,
         reuse: ReuseIndex | None = None,
+        gate: HandoffGate | None = None,
     ) -> None:
         self.open = open_msg
         self.id = open_msg.id
@@ -120,6 +122,7 @@ class SaveSession:
         self.store = store
         self.executor = executor
         self.chunk_size = chunk_size
+        self.gate = gate  # uploads defer to ranks still handing off (agent/handoff_gate.py)
         self._on_done = on_done
         self.entries = [EntryState(spec) for spec in open_msg.entries]
         # Incremental mode: digest every chunk; reference the base's chunks that match.
@@ -347,6 +350,8 @@ class SaveSession:
     def _upload_chunk(self, state: EntryState, chain: list[str], entry_offset: int, pool_offset: int,
                       length: int, index: int, reservation: Reservation) -> None:
         try:
+            if self.gate is not None:
+                self.gate.yield_to_handoffs()
             if self.error is None:
                 raw = self.pool.view[pool_offset:pool_offset + length]
                 digest = chunk_digest(raw) if self.reuse is not None else b""

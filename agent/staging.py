@@ -89,12 +89,18 @@ class ExtentAllocator:
         self._starts: list[int] = [0]
         self._ends: list[int] = [size]
         self._in_use = 0
+        self._waiters = 0
         self._cond = threading.Condition()
         self._closed = False
 
     @property
     def in_use(self) -> int:
         return self._in_use
+
+    @property
+    def waiters(self) -> int:
+        """Callers of ``allocate`` now waiting for memory to be freed."""
+        return self._waiters
 
     def _take(self, want: int, min_bytes: int) -> tuple[int, int] | None:
         best = None
@@ -135,7 +141,11 @@ class ExtentAllocator:
                     raise DeadlineError(
                         f"staging memory stayed full for {timeout:.0f}s ({self._in_use} of {self.size} bytes in use)"
                     )
-                self._cond.wait(remaining)
+                self._waiters += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiters -= 1
 
     def free(self, offset: int, length: int) -> None:
         with self._cond:
@@ -187,6 +197,10 @@ class StagingPool:
     @property
     def in_use(self) -> int:
         return self.allocator.in_use
+
+    @property
+    def waiters(self) -> int:
+        return self.allocator.waiters
 
     def close(self) -> None:
         self.allocator.close()

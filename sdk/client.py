@@ -87,18 +87,35 @@ class SaveHandle:
 
 
 class _Requests:
-    """A request iterator for a bidi stream that the caller feeds one message at a time."""
+    """A request iterator for a bidi stream that the caller feeds one message at a time.
+
+    At most ``_QUEUED`` messages wait for gRPC to send them: a rank streaming its state
+    (no shared memory) is held back to the pace of the agent instead of queueing a copy of
+    the whole state in its own memory.
+    """
 
     _END = object()
+    _QUEUED = 4
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.Queue = queue.Queue(self._QUEUED)
+        self.call: grpc.Future | None = None  # set once the RPC is started
 
     def send(self, message: object) -> None:
-        self._queue.put(message)
+        while True:
+            try:
+                self._queue.put(message, timeout=0.2)
+                return
+            except queue.Full:
+                if self.call is not None and self.call.done():
+                    return  # the RPC ended: nothing takes messages any more; reading a reply raises its error
 
     def close(self) -> None:
-        self._queue.put(self._END)
+        try:
+            self._queue.put_nowait(self._END)
+        except queue.Full:  # only when the RPC ended early (see send); a live one drains and ends
+            if self.call is None or not self.call.done():
+                self._queue.put(self._END)
 
     def __iter__(self) -> Iterator[object]:
         while True:
@@ -241,7 +258,7 @@ class AgentClient:
             overwrite=overwrite, shared_memory=self.shared_memory, needs_seal=needs_seal, incremental=incremental,
             retention=retention, incarnation=incarnation)
         requests.send(agent_pb2.SaveRequest(open=open_msg))
-        replies = self._stub.Save(iter(requests))
+        replies = requests.call = self._stub.Save(iter(requests))
         try:
             opened = next(replies).opened
             pool = self._try_pool(opened.pool_path, opened.pool_size) if opened.pool_path else None
@@ -289,8 +306,12 @@ class AgentClient:
         piece = min(chunk_size, _STREAM_PIECE)
         for index, entry in enumerate(entries):
             for offset in range(0, entry.source.nbytes, piece):
-                data = entry.source.read(offset, min(piece, entry.source.nbytes - offset))
-                requests.send(agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=index, entry_offset=offset, data=data)))
+                # Fields set in place: a nested DataPiece(data=...) passed to SaveRequest(...) is
+                # copied again, at ~1 GB/s (4.8 ms per 4 MiB piece against 0.1 ms this way).
+                request = agent_pb2.SaveRequest()
+                request.data.entry, request.data.entry_offset = index, offset
+                request.data.data = entry.source.read(offset, min(piece, entry.source.nbytes - offset))
+                requests.send(request)
 
     def seal(self, ref: CheckpointRef, world_size: int, keys: Mapping[str, str], extra: Mapping[str, str]) -> None:
         """Complete a ``needs_seal`` save with metadata known only after every rank wrote."""
@@ -342,7 +363,7 @@ class AgentClient:
             id=common_pb2.CheckpointId(job=manifest.job, kind=manifest.kind, step=manifest.step),
             names=list(names), shared_memory=self.shared_memory,
             ranges=[agent_pb2.ShardRange(shard=s, start=a, stop=b) for s, a, b in ranges])))
-        replies = self._stub.Restore(iter(requests))
+        replies = requests.call = self._stub.Restore(iter(requests))
         try:
             opened = next(replies).opened
             if opened.save_id != manifest.save_id:
