@@ -109,6 +109,8 @@ class AgentMetrics:
                                     "(hand-off, upload or coordinator call).", registry=r)
         self.restore_bytes = Counter("layervault_agent_restore_bytes", "Decoded bytes sent to ranks by restores.",
                                      registry=r)
+        self.upload_deferred = Counter("layervault_agent_upload_deferred_seconds", "Seconds upload workers held "
+                                       "a chunk back for ranks handing off (agent/handoff_gate.py).", registry=r)
         self.staging_used = Gauge("layervault_agent_staging_used_bytes", "Staging pool bytes in use.", registry=r)
         self.staging_budget = Gauge("layervault_agent_staging_budget_bytes", "Staging pool size (the budget).",
                                     registry=r)

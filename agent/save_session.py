@@ -351,7 +351,9 @@ class SaveSession:
                       length: int, index: int, reservation: Reservation) -> None:
         try:
             if self.gate is not None:
-                self.gate.yield_to_handoffs()
+                deferred = self.gate.yield_to_handoffs()
+                if deferred and self.metrics is not None:
+                    self.metrics.upload_deferred.inc(deferred)
             if self.error is None:
                 raw = self.pool.view[pool_offset:pool_offset + length]
                 digest = chunk_digest(raw) if self.reuse is not None else b""

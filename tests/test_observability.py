@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from prometheus_client.parser import text_string_to_metric_families
 
 import layervault as lv
+from layervault.agent.handoff_gate import DEFAULT_MAX_WAIT as HANDOFF_MAX_WAIT
 from layervault import cli
 from layervault.agent.agent_registry import AgentRegistry
 from layervault.agent.logs import JsonFormatter
@@ -137,6 +138,9 @@ def test_metrics_count_a_save_and_two_restores(store_url):
         assert total(a, "layervault_agent_stored_bytes_total") == info.stored_bytes
         assert total(a, "layervault_agent_saves_started_total") == 1
         assert total(a, "layervault_agent_saves_failed_total") == 0
+        # One rank's hand-off, then its uploads: whatever they deferred is bounded by the gate's cap per chunk.
+        assert any(n == "layervault_agent_upload_deferred_seconds_total" for n, _ in a)
+        assert 0 <= total(a, "layervault_agent_upload_deferred_seconds_total") <= chunks * HANDOFF_MAX_WAIT + 0.1
         assert total(a, "layervault_agent_staging_budget_bytes") == STAGING
         assert total(a, "layervault_storage_requests_total", role="agent", op="put") == chunks
         assert total(a, "layervault_storage_bytes_total", role="agent", direction="put") == info.stored_bytes
