@@ -23,7 +23,7 @@ from layervault.agent import attempt_cleanup
 from layervault.agent.agent_registry import rfc3339
 from layervault.agent.auth import Metadata, forwarded
 from layervault.agent.catalog import Catalog
-from layervault.agent.handoff_gate import HandoffGate
+from layervault.agent.handoff_gate import DEFAULT_MAX_WAIT, HandoffGate
 from layervault.agent.heartbeat import Heartbeat
 from layervault.agent.incremental import ReuseIndex, load_base
 from layervault.agent.journal import JournalFile, SaveJournal, StateDir
@@ -84,13 +84,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         heartbeat_interval: float = 2.0,
         security: ServerSecurity | None = None,
         state_dir: str | pathlib.Path | None = None,
+        handoff_wait: float = DEFAULT_MAX_WAIT,
     ) -> None:
         self.store = store
         self.security = security or ServerSecurity()
         self.access = self.security.access("agent")
         self.catalog = Catalog(store)
         self.pool = StagingPool(staging_bytes)
-        self.handoffs = HandoffGate(lambda: self.pool.waiters)
+        self.handoffs = HandoffGate(lambda: self.pool.waiters, max_wait=handoff_wait)
         self.state = StateDir(pathlib.Path(state_dir)) if state_dir else None  # save journals: see resume_saves
         self.chunk_size = chunk_size
         self.staging_timeout = staging_timeout

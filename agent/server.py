@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from layervault.agent.agent_service import AgentService
+from layervault.agent.handoff_gate import DEFAULT_MAX_WAIT
 from layervault.agent.heap import keep_buffers_in_heap
 from layervault.agent.journal import default_state_dir
 from layervault.agent.coordinator_service import CoordinatorService
@@ -171,11 +172,14 @@ def start_agent(
     metrics_registry: CollectorRegistry | None = None,
     heartbeat_interval: float = 2.0,
     state_dir: str | None = None,
+    handoff_wait: float = DEFAULT_MAX_WAIT,
 ) -> RunningServer:
     """``security``: TLS for TCP (also the client certificate shown to the coordinator), job
     tokens, ``insecure``, the unix socket's group (see :mod:`layervault.agent.security`).
     ``state_dir``: where handed-off saves are journaled so that a restarted agent finishes them
-    (default: beside the socket, see :mod:`layervault.agent.journal`; ``""``: no journals)."""
+    (default: beside the socket, see :mod:`layervault.agent.journal`; ``""``: no journals).
+    ``handoff_wait``: seconds an upload defers one chunk to ranks handing off (see
+    :mod:`layervault.agent.handoff_gate`; 0: never)."""
     if state_dir is None and socket_path:
         state_dir = str(default_state_dir(socket_path))
     security.check_listen(host)
@@ -187,7 +191,8 @@ def start_agent(
     server, health_servicer = _new_server(128, access.interceptors())
     service = AgentService(store, coordinator, staging_bytes, chunk_size, upload_workers, staging_timeout,
                            cache_bytes=cache_bytes, security=security, metrics=AgentMetrics(metrics_registry),
-                           heartbeat_interval=heartbeat_interval, state_dir=state_dir or None)
+                           heartbeat_interval=heartbeat_interval, state_dir=state_dir or None,
+                           handoff_wait=handoff_wait)
     security.share_pool(service.pool.path)
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     _enable_reflection(server, agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)

@@ -1,7 +1,7 @@
 """Time to durable and full restore of the layervault ModelManager row alone, per agent setting.
 
     /tmp/lvenv/bin/python bench/focus.py [--runs 3] [--layers 22] [--chunk-mib 4] [--upload-workers 8]
-        [--cache-mib 256] [--compressor lz4|none] [--profile-agent DIR]
+        [--cache-mib 256] [--handoff-wait-ms 250] [--compressor lz4|none] [--profile-agent DIR]
 
 The full bench (bench/run.py) takes many minutes; tuning one knob of the agent needs only the
 layervault row, measured the same way (same state, SeaweedFS on loopback, one `layervault up`
@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--chunk-mib", type=int, default=None, help="agent chunk size (default: the agent's)")
     parser.add_argument("--upload-workers", type=int, default=None, help="(default: the agent's)")
     parser.add_argument("--cache-mib", type=int, default=None, help="restore cache (default: the agent's)")
+    parser.add_argument("--handoff-wait-ms", type=int, default=None, help="(default: the agent's)")
     parser.add_argument("--compressor", choices=["lz4", "none"], default="lz4",
                         help="lz4: the agent's per-layer chooser; none: store raw")
     parser.add_argument("--profile-agent", type=pathlib.Path, default=None, help="folder for py-spy profiles")
@@ -69,7 +70,7 @@ def main() -> int:
     from agent_process import Up
     from state import GB, make_state, state_bytes, stats
 
-    options = [f"--{name.replace('_', '-')}={value}" for name in ("chunk_mib", "upload_workers", "cache_mib")
+    options = [f"--{name.replace('_', '-')}={value}" for name in ("chunk_mib", "upload_workers", "cache_mib", "handoff_wait_ms")
                if (value := getattr(args, name)) is not None]
     model, opt = make_state(args.layers)
     size = state_bytes(model, opt)

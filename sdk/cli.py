@@ -105,9 +105,20 @@ def _security(args: argparse.Namespace):  # -> ServerSecurity
                                      getattr(args, "socket_group", None), getattr(args, "tls_server_name", ""))
 
 
+def _milliseconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of milliseconds >= 0")
+    return value
+
+
 def _agent_kwargs(args: argparse.Namespace) -> dict:
     return dict(socket_path=args.socket, host=args.host, port=args.port, staging_bytes=args.staging_mib << 20,
                 chunk_size=args.chunk_mib << 20, upload_workers=args.upload_workers, cache_bytes=args.cache_mib << 20,
+                handoff_wait=args.handoff_wait_ms / 1000,
                 metrics_port=_metrics_port(args), security=_security(args), state_dir=args.state_dir)
 
 
@@ -427,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--staging-mib", type=int, default=1024, help="staging budget (shared memory) in MiB")
         p.add_argument("--chunk-mib", type=int, default=4, help="chunk (object) size in MiB")
         p.add_argument("--upload-workers", type=int, default=8)
+        p.add_argument("--handoff-wait-ms", type=_milliseconds, default=250,
+                       help="longest an upload defers one chunk to ranks handing off (0: never defer)")
         p.add_argument("--cache-mib", type=int, default=256, help="node-local cache of restored chunks in MiB")
         p.add_argument("--state-dir", help="journals of handed-off saves, finished by the agent after a restart "
                                            "(default: beside the socket, SOCKET without .sock + .state; '' for none)")

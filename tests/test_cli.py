@@ -65,6 +65,9 @@ def test_cli_errors_are_messages_not_tracebacks(saved):
     assert down.returncode == 1 and "unavailable" in down.stderr and "Traceback" not in down.stderr
     bad = cli("ls", "--storage", "ftp://x/y", check=False)
     assert bad.returncode == 1 and "unsupported storage URL" in bad.stderr and "Traceback" not in bad.stderr
+    for flag in ("-3", "soon"):
+        wait = cli("agent", "--coordinator", services.coordinator.address, "--handoff-wait-ms", flag, check=False)
+        assert wait.returncode == 2 and "--handoff-wait-ms" in wait.stderr and "milliseconds >= 0" in wait.stderr
 
 
 def test_second_agent_on_the_same_socket_is_refused(saved, tmp_path):
