@@ -37,6 +37,7 @@ from layervault.agent.security import ServerSecurity
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
 from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError, error_from_rpc
+from layervault.save_frames import DataFrame
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc, manifest_pb2
 
 log = logging.getLogger("layervault.agent")
@@ -185,7 +186,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     @handler
     def Save(self, request_iterator: Iterator[agent_pb2.SaveRequest], context: grpc.ServicerContext) -> Iterator[agent_pb2.SaveReply]:
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "open":
+        if first is None or isinstance(first, DataFrame) or first.WhichOneof("kind") != "open":
             raise InvalidArgumentError("a Save stream must start with an open message")
         self.access.require(context, first.open.id.job, "save")  # before any work or any memory
         session = self._open_session(first.open, forwarded(context))
@@ -196,6 +197,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     save_id=session.save_id, pool_path=str(self.pool.path) if first.open.shared_memory else "",
                     pool_size=self.pool.size, chunk_size=self.chunk_size))
                 for req in request_iterator:
+                    if isinstance(req, DataFrame):  # a data message, read by hand (layervault.save_frames)
+                        session.stage_data(req, self.staging_timeout)
+                        continue
                     kind = req.WhichOneof("kind")
                     if kind == "reserve":
                         offset, length = session.reserve(req.reserve, self.staging_timeout)

@@ -13,6 +13,8 @@ import logging
 from typing import Any, Callable
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 from layervault.agent import redact
 from layervault.agent.storage import ObjectNotFound, StorageError
@@ -97,3 +99,29 @@ def handler(fn: Callable[..., Any]) -> Callable[..., Any]:
             code, message = _status(exc)
             context.abort(code, message)
     return unary
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(servicer: object, server: grpc.Server, service: ServiceDescriptor,
+                 deserializers: dict[str, Callable[[bytes], Any]] | None = None) -> None:
+    """Register ``servicer`` for every method of ``service``, as the generated
+    ``add_*Servicer_to_server`` does, but with a request deserializer of our own where
+    ``deserializers`` names one (the Save stream reads its data messages by hand, see
+    :mod:`layervault.save_frames`)."""
+    handlers = {}
+    for method in service.methods:
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        request = message_factory.GetMessageClass(method.input_type)
+        reply = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=(deserializers or {}).get(method.name, request.FromString),
+                                     response_serializer=reply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

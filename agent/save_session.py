@@ -20,6 +20,7 @@ from typing import Callable
 from layervault.agent import keys
 from layervault.agent.checksum import crc32c
 from layervault.agent.handoff_gate import HandoffGate
+from layervault.save_frames import DataFrame
 from layervault.agent.codecs import CodecChain, choose_chain
 from layervault.agent.incremental import DIGEST_ALGORITHM, ReuseIndex, chunk_digest, shard_digest
 from layervault.agent.journal import DurableChunk, JournalFile, SaveJournal, StagedPiece, pending_pieces
@@ -180,7 +181,7 @@ class SaveSession:
         with self._cond:
             self._seal_all_locked()
 
-    def stage_data(self, data: agent_pb2.DataPiece, timeout: float | None) -> None:
+    def stage_data(self, data: agent_pb2.DataPiece | DataFrame, timeout: float | None) -> None:
         """Bytes that came over gRPC: copy them into pool memory, then treat them as a piece."""
         length = len(data.data)
         self._check_piece(data.entry, data.entry_offset, length)

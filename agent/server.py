@@ -29,10 +29,11 @@ from layervault.agent.journal import default_state_dir
 from layervault.agent.coordinator_service import CoordinatorService
 from layervault.agent.retention import Retention
 from layervault.agent.metrics import AgentMetrics, CoordinatorMetrics, MetricsEndpoint, serve_metrics
-from layervault.agent.rpc import SERVER_OPTIONS
+from layervault.agent.rpc import SERVER_OPTIONS, add_servicer
 from layervault.agent.security import ServerSecurity
 from layervault.agent.storage import ObjectStore
-from layervault.proto import agent_pb2, agent_pb2_grpc, coordinator_pb2, coordinator_pb2_grpc
+from layervault.proto import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
+from layervault.save_frames import decode_save_request
 
 log = logging.getLogger("layervault.server")
 
@@ -194,7 +195,7 @@ def start_agent(
                            heartbeat_interval=heartbeat_interval, state_dir=state_dir or None,
                            handoff_wait=handoff_wait)
     security.share_pool(service.pool.path)
-    agent_pb2_grpc.add_AgentServicer_to_server(service, server)
+    add_servicer(service, server, agent_pb2.DESCRIPTOR.services_by_name["Agent"], {"Save": decode_save_request})
     _enable_reflection(server, agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
     tcp = security.bind_tcp(server, host, port)
     address = tcp

@@ -58,8 +58,8 @@ class ArraySource:
     def copy_to(self, offset: int, dst: memoryview) -> None:
         np.frombuffer(dst, dtype=np.uint8)[:] = self._u8[offset:offset + len(dst)]
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self._u8[offset:offset + length].tobytes()
+    def read(self, offset: int, length: int) -> memoryview:
+        return memoryview(self._u8[offset:offset + length])
 
 
 class ArraySink:

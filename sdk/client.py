@@ -20,6 +20,7 @@ import grpc
 
 from layervault.errors import InvalidArgumentError, LayervaultError, UnavailableError, error_from_rpc
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2
+from layervault.save_frames import DataFrame, encode_save_request
 
 if TYPE_CHECKING:
     from layervault.agent.tls import TlsConfig
@@ -30,6 +31,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),  # a restarted agent is dialed again within a second
 ]
 _STREAM_PIECE = 4 << 20
+_SAVE_METHOD = "/" + agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name + "/Save"
 #: ``SaveHandle.wait()`` without a timeout waits this long for an unreachable agent to come back.
 AGENT_RESTART_WINDOW = 120.0
 
@@ -42,8 +44,9 @@ class ByteSource(Protocol):
     def copy_to(self, offset: int, dst: memoryview) -> None:
         """Copy bytes ``[offset, offset + len(dst))`` into ``dst``."""
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset + length)`` (for the streaming path)."""
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        """Bytes ``[offset, offset + length)`` for the streaming path; a view is best (the
+        stream copies it once into its message, before ``save`` returns)."""
 
 
 class ByteSink(Protocol):
@@ -181,6 +184,9 @@ class AgentClient:
         tls = tls if tls is not None else TlsConfig.from_env()
         self._channel = open_channel(self.address, tls, _CHANNEL_OPTIONS, [BearerToken(token)] if token else [])
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        # Save with its data messages written by hand (layervault.save_frames); the same wire format.
+        self._save = self._channel.stream_stream(_SAVE_METHOD, request_serializer=encode_save_request,
+                                                 response_deserializer=agent_pb2.SaveReply.FromString)
         self._pools: dict[str, _PoolMapping] = {}
         self._lock = threading.Lock()
 
@@ -258,7 +264,7 @@ class AgentClient:
             overwrite=overwrite, shared_memory=self.shared_memory, needs_seal=needs_seal, incremental=incremental,
             retention=retention, incarnation=incarnation)
         requests.send(agent_pb2.SaveRequest(open=open_msg))
-        replies = requests.call = self._stub.Save(iter(requests))
+        replies = requests.call = self._save(iter(requests))
         try:
             opened = next(replies).opened
             pool = self._try_pool(opened.pool_path, opened.pool_size) if opened.pool_path else None
@@ -306,12 +312,8 @@ class AgentClient:
         piece = min(chunk_size, _STREAM_PIECE)
         for index, entry in enumerate(entries):
             for offset in range(0, entry.source.nbytes, piece):
-                # Fields set in place: a nested DataPiece(data=...) passed to SaveRequest(...) is
-                # copied again, at ~1 GB/s (4.8 ms per 4 MiB piece against 0.1 ms this way).
-                request = agent_pb2.SaveRequest()
-                request.data.entry, request.data.entry_offset = index, offset
-                request.data.data = entry.source.read(offset, min(piece, entry.source.nbytes - offset))
-                requests.send(request)
+                # Encoded by hand on the way out (layervault.save_frames): one copy of the bytes.
+                requests.send(DataFrame(index, offset, entry.source.read(offset, min(piece, entry.source.nbytes - offset))))
 
     def seal(self, ref: CheckpointRef, world_size: int, keys: Mapping[str, str], extra: Mapping[str, str]) -> None:
         """Complete a ``needs_seal`` save with metadata known only after every rank wrote."""

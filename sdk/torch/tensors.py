@@ -34,8 +34,8 @@ class TensorSource:
     def copy_to(self, offset: int, dst: memoryview) -> None:
         torch.frombuffer(dst, dtype=torch.uint8).copy_(self._u8[offset:offset + len(dst)])
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self._u8[offset:offset + length].cpu().numpy().tobytes()
+    def read(self, offset: int, length: int) -> memoryview:
+        return memoryview(self._u8[offset:offset + length].cpu().numpy())  # a view, unless on a GPU
 
 
 class TensorSink:

@@ -1,0 +1,75 @@
+"""The Save stream's hand-written data messages (layervault.save_frames) are plain protobuf."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
+
+from layervault.proto import agent_pb2
+from layervault.save_frames import DataFrame, decode_save_request, encode_save_request
+
+from fuzzing import fuzz_settings
+
+INT32 = st.integers(-(1 << 31), (1 << 31) - 1)
+INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
+
+
+def _proto(entry: int, offset: int, data: bytes) -> agent_pb2.SaveRequest:
+    return agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=entry, entry_offset=offset, data=data))
+
+
+@fuzz_settings(300)
+@given(entry=INT32, offset=INT64, data=st.binary(max_size=300))
+def test_frames_are_byte_identical_to_protobuf_and_read_back(entry, offset, data):
+    wire = encode_save_request(DataFrame(entry, offset, data))
+    assert wire == _proto(entry, offset, data).SerializeToString()
+    assert agent_pb2.SaveRequest.FromString(wire) == _proto(entry, offset, data)
+    frame = decode_save_request(wire)
+    assert isinstance(frame, DataFrame)
+    assert (frame.entry, frame.entry_offset, bytes(frame.data)) == (entry, offset, data)
+
+
+def test_a_large_piece_from_a_numpy_view_is_read_as_a_view():
+    array = np.arange(1 << 20, dtype=np.float32)
+    wire = encode_save_request(DataFrame(3, 4 << 20, memoryview(array.view(np.uint8))))
+    frame = decode_save_request(wire)
+    assert isinstance(frame.data, memoryview) and frame.data.obj is wire  # no copy on the way in
+    assert bytes(frame.data) == array.tobytes() and (frame.entry, frame.entry_offset) == (3, 4 << 20)
+
+
+@pytest.mark.parametrize("message", [
+    agent_pb2.SaveRequest(open=agent_pb2.SaveOpen(rank=1, world_size=2)),
+    agent_pb2.SaveRequest(reserve=1 << 30),
+    agent_pb2.SaveRequest(stage=agent_pb2.StagePieces(pieces=[agent_pb2.Piece(entry=1, length=5)])),
+    agent_pb2.SaveRequest(finish=True),
+    agent_pb2.SaveRequest(),
+])
+def test_other_messages_are_protobuf_as_usual(message):
+    wire = encode_save_request(message)
+    assert wire == message.SerializeToString()
+    assert decode_save_request(wire) == message
+
+
+def test_anything_unusual_is_left_to_protobuf():
+    piece = _proto(1, 2, b"abc").SerializeToString()
+    # a data message followed by another field: protobuf's rules (the last oneof member wins) apply
+    merged = piece + agent_pb2.SaveRequest(finish=True).SerializeToString()
+    assert decode_save_request(merged) == agent_pb2.SaveRequest.FromString(merged)
+    # an unknown field inside the piece: still a valid protobuf message, read by protobuf
+    odd = bytes([0x22, 2, 0x28, 0x07])  # DataPiece with field 5 = 7 (unknown to this version)
+    assert decode_save_request(odd) == agent_pb2.SaveRequest.FromString(odd)
+
+
+@pytest.mark.parametrize("wire", [
+    bytes([0x22, 10, 0x1A, 50]) + b"short",     # declared lengths past the end
+    bytes([0x22, 0x80]),                          # truncated varint
+    bytes([0x22, 3, 0x1A, 9, 0x00]),              # the payload runs past the piece
+])
+def test_malformed_data_messages_fail_as_protobuf_fails(wire):
+    with pytest.raises(DecodeError):
+        agent_pb2.SaveRequest.FromString(wire)
+    with pytest.raises(DecodeError):
+        decode_save_request(wire)
