@@ -184,7 +184,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     # -- save ------------------------------------------------------------------------------------
 
     @handler
-    def Save(self, request_iterator: Iterator[agent_pb2.SaveRequest], context: grpc.ServicerContext) -> Iterator[agent_pb2.SaveReply]:
+    def Save(self, request_iterator: Iterator[agent_pb2.SaveRequest | DataFrame],
+             context: grpc.ServicerContext) -> Iterator[agent_pb2.SaveReply]:
         first = next(request_iterator, None)
         if first is None or isinstance(first, DataFrame) or first.WhichOneof("kind") != "open":
             raise InvalidArgumentError("a Save stream must start with an open message")
