@@ -114,7 +114,8 @@ def render(b: BenchRun) -> str:
         lines += [
             "",
             "gRPC path (shared memory off, `shared_memory=False`): rank -> agent hand-off of the whole state "
-            f"(model, then optimizer; the agent uploads the model meanwhile, deferring to the hand-off up to --handoff-wait-ms per chunk): {stats(b.grpc)} s = "
+            "(model, then optimizer; the agent uploads the model meanwhile, deferring to the hand-off "
+            f"up to --handoff-wait-ms per chunk): {stats(b.grpc)} s = "
             f"{size / GB / med(b.grpc):.2f} GB/s (target 1.5 GB/s).",
         ]
     if b.cells:
