@@ -367,7 +367,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self.access.require(context, request.job, "list")
         reply = self._coordinator_call("List", request, forwarded(context))
         visible = self.access.visible(context)  # a List of all jobs shows only the token's jobs
-        return common_pb2.ListReply(checkpoints=[c for c in reply.checkpoints if visible(c.id.job)])
+        return common_pb2.ListReply(checkpoints=[c for c in reply.checkpoints if visible(c.id.job)],
+                                    damaged=[d for d in reply.damaged if visible(d.id.job)])
 
     @handler
     def Restore(self, request_iterator: Iterator[agent_pb2.RestoreRequest], context: grpc.ServicerContext) -> Iterator[agent_pb2.RestoreReply]:

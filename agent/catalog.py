@@ -7,7 +7,9 @@ any time), and ``layervault show --storage URL`` uses the same code with no serv
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import threading
 from typing import Iterator, Mapping
 
@@ -15,6 +17,19 @@ from layervault.agent import keys
 from layervault.agent.manifest import Manifest, decode_manifest, matches
 from layervault.agent.storage import ObjectNotFound, ObjectStore
 from layervault.errors import InvalidArgumentError, ManifestError, NotFoundError
+from layervault.proto import common_pb2
+
+log = logging.getLogger("layervault.catalog")
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """A catalog listing: the readable checkpoints, and the manifests that are stored but
+    cannot be read (reported apart: one damaged manifest must neither hide the others nor
+    pass for a sound checkpoint)."""
+
+    checkpoints: list[tuple[str, Manifest]]                  # (manifest key, manifest), by job, kind, step
+    damaged: list[common_pb2.DamagedManifest] = dataclasses.field(default_factory=list)
 
 
 class Catalog:
@@ -55,10 +70,19 @@ class Catalog:
         with self._lock:
             self._cache.pop(key, None)
 
-    def checkpoints(self, job: str = "", kind: str = "") -> list[tuple[str, Manifest]]:
-        """(manifest key, manifest) pairs sorted by job, kind, step."""
-        found = sorted(self.manifest_keys(job, kind))
-        return [(key, self.manifest(key)) for _, _, _, key in found]
+    def checkpoints(self, job: str = "", kind: str = "") -> Listing:
+        """Every committed checkpoint (of one job/kind), sorted by job, kind, step."""
+        listing = Listing([])
+        for job_, kind_, step, key in sorted(self.manifest_keys(job, kind)):
+            try:
+                listing.checkpoints.append((key, self.manifest(key)))
+            except NotFoundError:
+                continue  # deleted since the listing (rm, gc, retention)
+            except ManifestError as exc:
+                log.warning("damaged manifest: %s", exc)
+                listing.damaged.append(common_pb2.DamagedManifest(
+                    id=common_pb2.CheckpointId(job=job_, kind=kind_, step=step), key=key, problem=str(exc)))
+        return listing
 
     def resolve(self, job: str, kind: str, selector: Mapping[str, str]) -> tuple[str, Manifest]:
         """The newest committed checkpoint whose training keys match ``selector``."""

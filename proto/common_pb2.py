@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\rlayervault.v1\"7\n\x0c\x43heckpointId\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\"h\n\x08Selector\x12/\n\x04keys\x18\x01 \x03(\x0b\x32!.layervault.v1.Selector.KeysEntry\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbd\x02\n\x0e\x43heckpointInfo\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x35\n\x04keys\x18\x02 \x03(\x0b\x32\'.layervault.v1.CheckpointInfo.KeysEntry\x12\x13\n\x0b\x63onfig_name\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x11\n\traw_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cstored_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x05\x12\x14\n\x0c\x63ommitted_at\x18\x08 \x01(\t\x12\x14\n\x0cmanifest_key\x18\t \x01(\t\x12\x0f\n\x07save_id\x18\n \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x0bListRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"?\n\tListReply\x12\x32\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1d.layervault.v1.CheckpointInfo\"V\n\x0eResolveRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12)\n\x08selector\x18\x03 \x01(\x0b\x32\x17.layervault.v1.Selector\"\x07\n\x05\x45mpty\"y\n\x0fRetentionPolicy\x12\x11\n\tkeep_last\x18\x01 \x01(\x05\x12\x12\n\nkeep_every\x18\x02 \x01(\x03\x12\x15\n\rkeep_best_key\x18\x03 \x01(\t\x12\x11\n\tkeep_best\x18\x04 \x01(\x05\x12\x15\n\rkeep_best_max\x18\x05 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\rlayervault.v1\"7\n\x0c\x43heckpointId\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\"h\n\x08Selector\x12/\n\x04keys\x18\x01 \x03(\x0b\x32!.layervault.v1.Selector.KeysEntry\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbd\x02\n\x0e\x43heckpointInfo\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x35\n\x04keys\x18\x02 \x03(\x0b\x32\'.layervault.v1.CheckpointInfo.KeysEntry\x12\x13\n\x0b\x63onfig_name\x18\x03 \x01(\t\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x11\n\traw_bytes\x18\x05 \x01(\x03\x12\x14\n\x0cstored_bytes\x18\x06 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x05\x12\x14\n\x0c\x63ommitted_at\x18\x08 \x01(\t\x12\x14\n\x0cmanifest_key\x18\t \x01(\t\x12\x0f\n\x07save_id\x18\n \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"(\n\x0bListRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"p\n\tListReply\x12\x32\n\x0b\x63heckpoints\x18\x01 \x03(\x0b\x32\x1d.layervault.v1.CheckpointInfo\x12/\n\x07\x64\x61maged\x18\x02 \x03(\x0b\x32\x1e.layervault.v1.DamagedManifest\"X\n\x0f\x44\x61magedManifest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07problem\x18\x03 \x01(\t\"V\n\x0eResolveRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12)\n\x08selector\x18\x03 \x01(\x0b\x32\x17.layervault.v1.Selector\"\x07\n\x05\x45mpty\"y\n\x0fRetentionPolicy\x12\x11\n\tkeep_last\x18\x01 \x01(\x05\x12\x12\n\nkeep_every\x18\x02 \x01(\x03\x12\x15\n\rkeep_best_key\x18\x03 \x01(\t\x12\x11\n\tkeep_best\x18\x04 \x01(\x05\x12\x15\n\rkeep_best_max\x18\x05 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,11 +48,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTREQUEST']._serialized_start=514
   _globals['_LISTREQUEST']._serialized_end=554
   _globals['_LISTREPLY']._serialized_start=556
-  _globals['_LISTREPLY']._serialized_end=619
-  _globals['_RESOLVEREQUEST']._serialized_start=621
-  _globals['_RESOLVEREQUEST']._serialized_end=707
-  _globals['_EMPTY']._serialized_start=709
-  _globals['_EMPTY']._serialized_end=716
-  _globals['_RETENTIONPOLICY']._serialized_start=718
-  _globals['_RETENTIONPOLICY']._serialized_end=839
+  _globals['_LISTREPLY']._serialized_end=668
+  _globals['_DAMAGEDMANIFEST']._serialized_start=670
+  _globals['_DAMAGEDMANIFEST']._serialized_end=758
+  _globals['_RESOLVEREQUEST']._serialized_start=760
+  _globals['_RESOLVEREQUEST']._serialized_end=846
+  _globals['_EMPTY']._serialized_start=848
+  _globals['_EMPTY']._serialized_end=855
+  _globals['_RETENTIONPOLICY']._serialized_start=857
+  _globals['_RETENTIONPOLICY']._serialized_end=978
 # @@protoc_insertion_point(module_scope)

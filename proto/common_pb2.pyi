@@ -185,20 +185,58 @@ class ListReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    DAMAGED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointInfo]: ...
+    @_builtins.property
+    def damaged(self) -> _containers.RepeatedCompositeFieldContainer[Global___DamagedManifest]:
+        """Manifests that are stored but cannot be read (corrupt, unknown format version, edited):
+        listed apart, so one damaged checkpoint neither hides the others nor passes for sound.
+        """
+
     def __init__(
         self,
         *,
         checkpoints: _abc.Iterable[Global___CheckpointInfo] | None = ...,
+        damaged: _abc.Iterable[Global___DamagedManifest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints", "damaged", b"damaged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListReply: _TypeAlias = ListReply  # noqa: Y015
+
+@_typing.final
+class DamagedManifest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """the manifest object, relative to the storage prefix"""
+    problem: _builtins.str
+    """why it cannot be read"""
+    @_builtins.property
+    def id(self) -> Global___CheckpointId:
+        """as its key names it"""
+
+    def __init__(
+        self,
+        *,
+        id: Global___CheckpointId | None = ...,
+        key: _builtins.str = ...,
+        problem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "problem", b"problem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DamagedManifest: _TypeAlias = DamagedManifest  # noqa: Y015
 
 @_typing.final
 class ResolveRequest(_message.Message):

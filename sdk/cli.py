@@ -160,35 +160,44 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoints(args: argparse.Namespace):  # -> list[CheckpointInfo]
+def _checkpoints(args: argparse.Namespace):  # -> common_pb2.ListReply
     if args.storage:
         from layervault.agent.catalog import Catalog
         from layervault.agent.manifest import checkpoint_info
         from layervault.agent.storage import open_store
+        from layervault.proto import common_pb2
 
-        catalog = Catalog(open_store(args.storage))
-        return [checkpoint_info(m, k) for k, m in catalog.checkpoints(args.job or "", args.kind or "")]
+        found = Catalog(open_store(args.storage)).checkpoints(args.job or "", args.kind or "")
+        return common_pb2.ListReply(checkpoints=[checkpoint_info(m, k) for k, m in found.checkpoints],
+                                    damaged=found.damaged)
     from layervault.client import AgentClient
 
-    return AgentClient(args.agent).list(args.job or "", args.kind or "")
+    return AgentClient(args.agent).listing(args.job or "", args.kind or "")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    rows = _checkpoints(args)
+    """Exit status 1 when a stored manifest cannot be read: the readable ones are listed
+    all the same, and each damaged one is named on stderr."""
+    listing = _checkpoints(args)
+    rows = list(listing.checkpoints)
+    for d in listing.damaged:
+        print(f"layervault: damaged manifest {d.key} ({d.id.job}/{d.id.kind} step {d.id.step}): {d.problem}",
+              file=sys.stderr)
+    status = 1 if listing.damaged else 0
     if args.json:
         from google.protobuf import json_format
 
         print(json.dumps([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in rows], indent=1))
-        return 0
+        return status
     if not rows:
         print("no committed checkpoints" + (f" for job {args.job!r}" if args.job else ""))
-        return 0
+        return status
     print(f"{'JOB':<20} {'KIND':<10} {'STEP':>8} {'NAME':<16} {'WORLD':>5} {'LAYERS':>6} {'RAW':>10} {'STORED':>10}  KEYS")
     for r in rows:
         keys = " ".join(f"{k}={v}" for k, v in sorted(r.keys.items()) if k != "step")
         print(f"{r.id.job:<20} {r.id.kind:<10} {r.id.step:>8} {r.config_name:<16} {r.world_size:>5} {r.entries:>6} "
               f"{_human(r.raw_bytes):>10} {_human(r.stored_bytes):>10}  {keys}")
-    return 0
+    return status
 
 
 def cmd_show(args: argparse.Namespace) -> int:

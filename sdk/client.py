@@ -349,7 +349,11 @@ class AgentClient:
         return self._call("Resolve", request)
 
     def list(self, job: str = "", kind: str = "") -> list[common_pb2.CheckpointInfo]:
-        return list(self._call("List", common_pb2.ListRequest(job=job, kind=kind)).checkpoints)
+        """Readable committed checkpoints; :meth:`listing` also names damaged manifests."""
+        return list(self.listing(job, kind).checkpoints)
+
+    def listing(self, job: str = "", kind: str = "") -> common_pb2.ListReply:
+        return self._call("List", common_pb2.ListRequest(job=job, kind=kind))
 
     def stats(self) -> agent_pb2.AgentStats:
         return self._call("Stats", common_pb2.Empty())

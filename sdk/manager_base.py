@@ -8,6 +8,7 @@ checkpoint that does not fit the target live here once.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Mapping
 
 from layervault.agent.manifest import checkpoint_info, encode_keys
@@ -16,6 +17,8 @@ from layervault.client import AgentClient, agent_client
 from layervault.config import ModelConfig, OptimizerConfig
 from layervault.errors import IncompatibleStateError
 from layervault.proto import manifest_pb2
+
+log = logging.getLogger("layervault.sdk")
 
 #: name -> (global shape, manifest dtype name)
 Specs = Mapping[str, tuple[list[int], str]]
@@ -60,8 +63,13 @@ class ManagerBase:
         return manifest, label
 
     def checkpoints(self) -> list[Checkpoint]:
-        """Committed checkpoints of this job and kind, oldest step first."""
-        return [Checkpoint.from_info(info) for info in self.client.list(self.config.job, self.kind)]
+        """Committed checkpoints of this job and kind, oldest step first. A stored manifest
+        that cannot be read is left out, with a warning naming it (``layervault ls`` exits 1)."""
+        listing = self.client.listing(self.config.job, self.kind)
+        for damaged in listing.damaged:
+            log.warning("%s/%s step %d is damaged and left out: %s", damaged.id.job, damaged.id.kind,
+                        damaged.id.step, damaged.problem)
+        return [Checkpoint.from_info(info) for info in listing.checkpoints]
 
 
 def summary(manifest: manifest_pb2.Manifest) -> Checkpoint:

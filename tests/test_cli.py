@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import layervault as lv
+from layervault.agent import keys
+from layervault.agent.storage import open_store
 from layervault.client import AgentClient
 from layervault.torch import ModelManager
 
@@ -78,3 +81,24 @@ def test_second_agent_on_the_same_socket_is_refused(saved, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "already listening" in result.stderr and "Traceback" not in result.stderr
     assert cli("ls", env={"LAYERVAULT_AGENT": services.agent_address}).returncode == 0  # the first one still serves
+
+
+def test_a_damaged_manifest_is_named_and_hides_no_other_checkpoint(saved, caplog):
+    services, store_url = saved
+    mm = ModelManager(lv.ModelConfig(job="cli-job", name="gpt-small"), agent=AgentClient(services.agent_address))
+    mm.save({"encoder.weight": torch.ones(256, 256), "encoder.bias": torch.arange(256, dtype=torch.int64)},
+            step=200, epoch=4).wait(60)
+    key = keys.manifest_key("cli-job", "model", 100)
+    open_store(store_url).put(key, b'{"format_version": 1, "job": ')  # cut short, as by a bad copy
+    services.coordinator.service.catalog.forget(key)  # the coordinator had it cached from the commit
+
+    for where, env in ((["--storage", store_url], None), ([], {"LAYERVAULT_AGENT": services.agent_address})):
+        listed = cli("ls", *where, env=env, check=False)
+        assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
+        assert f"damaged manifest {key} (cli-job/model step 100)" in listed.stderr and "not valid JSON" in listed.stderr
+        steps = [line.split()[2] for line in listed.stdout.splitlines() if line.startswith("cli-job")]
+        assert steps == ["200"], listed.stdout
+
+    with caplog.at_level(logging.WARNING, logger="layervault.sdk"):
+        assert [c.step for c in mm.checkpoints()] == [200]
+    assert "cli-job/model step 100 is damaged" in caplog.text

@@ -21,6 +21,7 @@ from layervault.agent.diff import diff_manifests
 from layervault.agent.storage import open_store
 from layervault.agent.verify import verify_checkpoint
 from layervault.cli import main
+from layervault.errors import ManifestError
 from layervault.client import AgentClient
 from layervault.proto import common_pb2, coordinator_pb2
 from layervault.torch import ModelManager
@@ -161,6 +162,18 @@ def test_gc_removes_old_orphans_of_a_crashed_attempt_and_keeps_young_ones(servic
     assert sorted(done.deleted) == sorted(orphans) and done.deleted_bytes == 300
     assert not any(store.exists(k) for k in orphans) and all(store.exists(k) for k in referenced)
     assert_loads_identically(mm, 1, states[1])
+
+
+def test_gc_deletes_nothing_while_a_manifest_of_the_job_cannot_be_read(services, store_url):
+    """A damaged manifest's references are unknown: gc must not take its chunks for orphans."""
+    mm, states, _ = save_run(services, "gc-damaged", incremental=True, steps=(1, 2))
+    store = open_store(store_url)
+    chunks = sorted(lifecycle.referenced_keys(Catalog(store), "gc-damaged"))
+    store.put(keys.manifest_key("gc-damaged", "model", 1), b"[]")  # step 1's manifest is damaged
+    with pytest.raises(ManifestError, match="gc-damaged/model/manifests/"):
+        lifecycle.collect_garbage(store, Catalog(store), "gc-damaged", min_age=0, now=time.time() + 3600)
+    assert all(store.exists(key) for key in chunks)
+    assert_loads_identically(mm, 2, states[2])
 
 
 def test_verify_names_a_flipped_byte_and_a_missing_object(services):

@@ -128,7 +128,7 @@ def test_tls_listeners_refuse_plaintext_and_unknown_certificates(pki, tmp_path):
         # The rogue agent serves its unix socket, but its coordinator calls fail the handshake.
         with pytest.raises(UnavailableError):
             _manager(AgentClient(agent.address), "rogue-job").save(STATE, step=1)
-        assert coordinator.service.catalog.checkpoints("rogue-job", "") == []
+        assert coordinator.service.catalog.checkpoints("rogue-job", "").checkpoints == []
     finally:
         agent.stop(grace=0)
         coordinator.stop(grace=0)
