@@ -30,7 +30,7 @@ import uuid
 from layervault.agent import attempt_cleanup, keys
 from layervault.agent.catalog import Catalog
 from layervault.agent.coordinator_lifecycle import CoordinatorLifecycle, InFlight
-from layervault.agent.manifest import FORMAT_VERSION, Manifest, checkpoint_info, encode_manifest, now_rfc3339
+from layervault.agent.manifest import FORMAT_VERSION, Manifest, check_json_map, checkpoint_info, encode_manifest, now_rfc3339
 from layervault.agent.metrics import CoordinatorMetrics
 from layervault.agent.retention import Retention
 from layervault.agent.storage import ObjectNotFound, ObjectStore, StorageError
@@ -204,6 +204,12 @@ class CommitCoordinator:
 
     def seal(self, req: coordinator_pb2.SealSaveRequest) -> None:
         key = _key(req.id)
+        # The seal's keys go into the manifest, where every reader parses them: refuse what
+        # would make the committed checkpoint unreadable (the save stays open for a good seal).
+        try:
+            check_json_map(req.keys, "training key")
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"{key[0]}/{key[1]} step {key[2]}: seal refused: {exc}") from None
         with self._cond:
             pending = self._pending.get(key)
             if pending is None or pending.info is not None:

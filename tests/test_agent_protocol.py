@@ -101,3 +101,25 @@ def test_unknown_kind_and_bad_selector(running):
     with pytest.raises(grpc.RpcError) as info:
         stub.Resolve(common_pb2.ResolveRequest(job="safe", kind="model", selector=common_pb2.Selector(keys={"step": "abc"})))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_seal_with_unreadable_keys_is_refused_and_a_good_one_still_commits(running):
+    from layervault.client import CheckpointRef, SaveEntry
+    from layervault.errors import InvalidArgumentError
+    from layervault.torch.tensors import TensorSource, whole_layout
+
+    services, mm = running
+    client = AgentClient(services.agent_address)
+    ref = CheckpointRef("safe", "model", 7)
+    weight = torch.arange(16, dtype=torch.float32)
+    handle = client.save(ref, 0, 1, manifest_pb2.Config(name="m"), {}, {},
+                         [SaveEntry("w", whole_layout(weight), TensorSource(weight))], needs_seal=True)
+    for bad, why in (({"loss": "low"}, "training key 'loss' is not JSON text"),
+                     ({"loss": "NaN"}, "training key 'loss' must be a finite JSON number"),
+                     ({"": "1"}, "training key names must be non-empty")):
+        with pytest.raises(InvalidArgumentError, match=f"safe/model step 7: seal refused: {why}"):
+            client.seal(ref, 1, bad, {})
+    client.seal(ref, 1, {"loss": "0.25"}, {"note": "free text"})
+    info = handle.wait(60)
+    assert info.id.step == 7 and mm.load_layer("w", step=7).equal(weight)
+    assert [c.step for c in mm.checkpoints() if c.keys.get("loss") == 0.25] == [7]
