@@ -37,7 +37,7 @@ from layervault.agent.security import ServerSecurity
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
 from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError, error_from_rpc
-from layervault.save_frames import DataFrame
+from layervault.stream_frames import DataFrame, RestoreFrame
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc, manifest_pb2
 
 log = logging.getLogger("layervault.agent")
@@ -198,7 +198,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     save_id=session.save_id, pool_path=str(self.pool.path) if first.open.shared_memory else "",
                     pool_size=self.pool.size, chunk_size=self.chunk_size))
                 for req in request_iterator:
-                    if isinstance(req, DataFrame):  # a data message, read by hand (layervault.save_frames)
+                    if isinstance(req, DataFrame):  # a data message, read by hand (layervault.stream_frames)
                         session.stage_data(req, self.staging_timeout)
                         continue
                     kind = req.WhichOneof("kind")
@@ -413,12 +413,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                         held[offset] = length
                     piece = agent_pb2.RestorePiece(shard=chunk.shard, shard_offset=chunk.shard_offset, pool_offset=offset, length=n)
                     yield agent_pb2.RestoreReply(piece=piece)
-                else:
-                    # Fields set in place: RestoreReply(piece=RestorePiece(data=...)) copies the bytes once more.
-                    reply = agent_pb2.RestoreReply()
-                    reply.piece.shard, reply.piece.shard_offset, reply.piece.length = chunk.shard, chunk.shard_offset, n
-                    reply.piece.data = bytes(chunk.data)
-                    yield reply
+                else:  # written out by hand (layervault.stream_frames): one copy of the chunk
+                    yield RestoreFrame(chunk.shard, chunk.shard_offset, chunk.data)
             yield agent_pb2.RestoreReply(done=True)
             if releaser:
                 releaser.join(timeout=self.staging_timeout)

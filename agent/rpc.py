@@ -110,11 +110,12 @@ _HANDLER_KINDS = {
 
 
 def add_servicer(servicer: object, server: grpc.Server, service: ServiceDescriptor,
-                 deserializers: dict[str, Callable[[bytes], Any]] | None = None) -> None:
+                 deserializers: dict[str, Callable[[bytes], Any]] | None = None,
+                 serializers: dict[str, Callable[[Any], bytes]] | None = None) -> None:
     """Register ``servicer`` for every method of ``service``, as the generated
-    ``add_*Servicer_to_server`` does, but with a request deserializer of our own where
-    ``deserializers`` names one (the Save stream reads its data messages by hand, see
-    :mod:`layervault.save_frames`)."""
+    ``add_*Servicer_to_server`` does, but with a request deserializer / reply serializer of
+    our own where ``deserializers`` / ``serializers`` name one (the Save and Restore streams
+    write and read their data messages by hand, see :mod:`layervault.stream_frames`)."""
     handlers = {}
     for method in service.methods:
         make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
@@ -122,6 +123,6 @@ def add_servicer(servicer: object, server: grpc.Server, service: ServiceDescript
         reply = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = make(getattr(servicer, method.name),
                                      request_deserializer=(deserializers or {}).get(method.name, request.FromString),
-                                     response_serializer=reply.SerializeToString)
+                                     response_serializer=(serializers or {}).get(method.name, reply.SerializeToString))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -20,7 +20,7 @@ from typing import Callable
 from layervault.agent import keys
 from layervault.agent.checksum import crc32c
 from layervault.agent.handoff_gate import HandoffGate
-from layervault.save_frames import DataFrame
+from layervault.stream_frames import DataFrame
 from layervault.agent.codecs import CodecChain, choose_chain
 from layervault.agent.incremental import DIGEST_ALGORITHM, ReuseIndex, chunk_digest, shard_digest
 from layervault.agent.journal import DurableChunk, JournalFile, SaveJournal, StagedPiece, pending_pieces

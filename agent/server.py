@@ -33,7 +33,7 @@ from layervault.agent.rpc import SERVER_OPTIONS, add_servicer
 from layervault.agent.security import ServerSecurity
 from layervault.agent.storage import ObjectStore
 from layervault.proto import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
-from layervault.save_frames import decode_save_request
+from layervault.stream_frames import decode_save_request, encode_restore_reply
 
 log = logging.getLogger("layervault.server")
 
@@ -195,7 +195,8 @@ def start_agent(
                            heartbeat_interval=heartbeat_interval, state_dir=state_dir or None,
                            handoff_wait=handoff_wait)
     security.share_pool(service.pool.path)
-    add_servicer(service, server, agent_pb2.DESCRIPTOR.services_by_name["Agent"], {"Save": decode_save_request})
+    add_servicer(service, server, agent_pb2.DESCRIPTOR.services_by_name["Agent"],
+                 deserializers={"Save": decode_save_request}, serializers={"Restore": encode_restore_reply})
     _enable_reflection(server, agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name)
     tcp = security.bind_tcp(server, host, port)
     address = tcp

@@ -20,7 +20,7 @@ import grpc
 
 from layervault.errors import InvalidArgumentError, LayervaultError, UnavailableError, error_from_rpc
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2
-from layervault.save_frames import DataFrame, encode_save_request
+from layervault.stream_frames import DataFrame, RestoreFrame, decode_restore_reply, encode_save_request
 
 if TYPE_CHECKING:
     from layervault.agent.tls import TlsConfig
@@ -32,6 +32,7 @@ _CHANNEL_OPTIONS = [
 ]
 _STREAM_PIECE = 4 << 20
 _SAVE_METHOD = "/" + agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name + "/Save"
+_RESTORE_METHOD = "/" + agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name + "/Restore"
 #: ``SaveHandle.wait()`` without a timeout waits this long for an unreachable agent to come back.
 AGENT_RESTART_WINDOW = 120.0
 
@@ -184,9 +185,12 @@ class AgentClient:
         tls = tls if tls is not None else TlsConfig.from_env()
         self._channel = open_channel(self.address, tls, _CHANNEL_OPTIONS, [BearerToken(token)] if token else [])
         self._stub = agent_pb2_grpc.AgentStub(self._channel)
-        # Save with its data messages written by hand (layervault.save_frames); the same wire format.
+        # Save and Restore with their data messages written / read by hand (layervault.stream_frames).
         self._save = self._channel.stream_stream(_SAVE_METHOD, request_serializer=encode_save_request,
                                                  response_deserializer=agent_pb2.SaveReply.FromString)
+        self._restore = self._channel.stream_stream(_RESTORE_METHOD,
+                                                    request_serializer=agent_pb2.RestoreRequest.SerializeToString,
+                                                    response_deserializer=decode_restore_reply)
         self._pools: dict[str, _PoolMapping] = {}
         self._lock = threading.Lock()
 
@@ -312,7 +316,7 @@ class AgentClient:
         piece = min(chunk_size, _STREAM_PIECE)
         for index, entry in enumerate(entries):
             for offset in range(0, entry.source.nbytes, piece):
-                # Encoded by hand on the way out (layervault.save_frames): one copy of the bytes.
+                # Encoded by hand on the way out (layervault.stream_frames): one copy of the bytes.
                 requests.send(DataFrame(index, offset, entry.source.read(offset, min(piece, entry.source.nbytes - offset))))
 
     def seal(self, ref: CheckpointRef, world_size: int, keys: Mapping[str, str], extra: Mapping[str, str]) -> None:
@@ -369,7 +373,7 @@ class AgentClient:
             id=common_pb2.CheckpointId(job=manifest.job, kind=manifest.kind, step=manifest.step),
             names=list(names), shared_memory=self.shared_memory,
             ranges=[agent_pb2.ShardRange(shard=s, start=a, stop=b) for s, a, b in ranges])))
-        replies = requests.call = self._stub.Restore(iter(requests))
+        replies = requests.call = self._restore(iter(requests))
         try:
             opened = next(replies).opened
             if opened.save_id != manifest.save_id:
@@ -379,6 +383,12 @@ class AgentClient:
                 raise UnavailableError(f"cannot map the agent's shared memory {opened.pool_path} (agent on another host?); "
                                        "use shared_memory=False or LAYERVAULT_SHARED_MEMORY=0")
             for reply in replies:
+                if isinstance(reply, RestoreFrame):  # bytes over gRPC, read by hand (layervault.stream_frames)
+                    sink = sinks.get(reply.shard)
+                    if sink is None:
+                        raise InvalidArgumentError(f"agent sent shard #{reply.shard}, which was not asked for")
+                    sink.write(reply.shard_offset, reply.data)
+                    continue
                 if reply.WhichOneof("kind") == "done":
                     break
                 piece = reply.piece
