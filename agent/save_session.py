@@ -316,6 +316,8 @@ class SaveSession:
 
     def _plan_piece(self, state: EntryState, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
         try:
+            if self.gate is not None:  # choosing the codec samples the bytes: upload work, not hand-off work
+                self.gate.yield_to_handoffs()
             with state.lock:  # one codec chain per shard, chosen from its first piece
                 if state.chain is None and state.base is not None:
                     state.chain = list(state.base.codec)  # reused chunks are stored with it
