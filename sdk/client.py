@@ -112,14 +112,10 @@ class _Requests:
                 return
             except queue.Full:
                 if self.call is not None and self.call.done():
-                    return  # the RPC ended: nothing takes messages any more; reading a reply raises its error
+                    return  # the RPC ended (or was cancelled): nothing takes messages any more
 
     def close(self) -> None:
-        try:
-            self._queue.put_nowait(self._END)
-        except queue.Full:  # only when the RPC ended early (see send); a live one drains and ends
-            if self.call is None or not self.call.done():
-                self._queue.put(self._END)
+        self.send(self._END)
 
     def __iter__(self) -> Iterator[object]:
         while True:
@@ -283,8 +279,8 @@ class AgentClient:
             requests.close()
             raise _translate(exc, self.address) from None
         except BaseException:
+            replies.cancel()  # first: a full send queue then no longer waits for the agent
             requests.close()
-            replies.cancel()
             raise
         return SaveHandle(self, ref, rank, finished.staged_bytes)
 
@@ -405,8 +401,8 @@ class AgentClient:
             requests.close()
             raise _translate(exc, self.address) from None
         except BaseException:
+            replies.cancel()  # first: a full send queue then no longer waits for the agent
             requests.close()
-            replies.cancel()
             raise
 
 
