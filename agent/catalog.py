@@ -11,10 +11,10 @@ import dataclasses
 import json
 import logging
 import threading
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from layervault.agent import keys
-from layervault.agent.manifest import Manifest, decode_manifest, matches
+from layervault.agent.manifest import Manifest, checkpoint_info, decode_manifest, matches
 from layervault.agent.storage import ObjectNotFound, ObjectStore
 from layervault.errors import InvalidArgumentError, ManifestError, NotFoundError
 from layervault.proto import common_pb2
@@ -30,6 +30,11 @@ class Listing:
 
     checkpoints: list[tuple[str, Manifest]]                  # (manifest key, manifest), by job, kind, step
     damaged: list[common_pb2.DamagedManifest] = dataclasses.field(default_factory=list)
+
+    def reply(self, visible: Callable[[str], bool] = lambda job: True) -> common_pb2.ListReply:
+        """The List RPC's answer, with only the jobs ``visible`` admits."""
+        return common_pb2.ListReply(checkpoints=[checkpoint_info(m, k) for k, m in self.checkpoints if visible(m.job)],
+                                    damaged=[d for d in self.damaged if visible(d.id.job)])
 
 
 class Catalog:

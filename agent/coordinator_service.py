@@ -71,9 +71,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if request.job:
             self.access.require(context, request.job, "list")
         visible = self.access.visible(context)  # a List of all jobs shows only the token's jobs
-        found = self.catalog.checkpoints(request.job, request.kind)
-        return common_pb2.ListReply(checkpoints=[checkpoint_info(m, k) for k, m in found.checkpoints if visible(m.job)],
-                                    damaged=[d for d in found.damaged if visible(d.id.job)])
+        return self.catalog.checkpoints(request.job, request.kind).reply(visible)
 
     @handler
     def AgentHeartbeat(self, request: coordinator_pb2.AgentHeartbeatRequest, context: grpc.ServicerContext) -> coordinator_pb2.AgentHeartbeatReply:

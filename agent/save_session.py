@@ -31,7 +31,7 @@ from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
 from layervault.dtypes import itemsize_of
 from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError
-from layervault.proto import agent_pb2, common_pb2, manifest_pb2
+from layervault.proto import agent_pb2, manifest_pb2
 
 log = logging.getLogger("layervault.agent")
 
@@ -316,8 +316,7 @@ class SaveSession:
 
     def _plan_piece(self, state: EntryState, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
         try:
-            if self.gate is not None:  # choosing the codec samples the bytes: upload work, not hand-off work
-                self.gate.yield_to_handoffs()
+            self._defer_to_handoffs()  # choosing the codec samples the bytes: upload work, not hand-off work
             with state.lock:  # one codec chain per shard, chosen from its first piece
                 if state.chain is None and state.base is not None:
                     state.chain = list(state.base.codec)  # reused chunks are stored with it
@@ -353,10 +352,7 @@ class SaveSession:
     def _upload_chunk(self, state: EntryState, chain: list[str], entry_offset: int, pool_offset: int,
                       length: int, index: int, reservation: Reservation) -> None:
         try:
-            if self.gate is not None:
-                deferred = self.gate.yield_to_handoffs()
-                if deferred and self.metrics is not None:
-                    self.metrics.upload_deferred.inc(deferred)
+            self._defer_to_handoffs()
             if self.error is None:
                 raw = self.pool.view[pool_offset:pool_offset + length]
                 digest = chunk_digest(raw) if self.reuse is not None else b""
@@ -391,6 +387,14 @@ class SaveSession:
                     self.error = SaveFailedError(f"{self.label}: upload of layer {state.spec.name!r} failed: {exc}")
         finally:
             self._chunk_done(reservation)
+
+    def _defer_to_handoffs(self) -> None:
+        """Upload work waits while ranks hand off (agent/handoff_gate.py), and the wait is counted."""
+        if self.gate is None:
+            return
+        deferred = self.gate.yield_to_handoffs()
+        if deferred and self.metrics is not None:
+            self.metrics.upload_deferred.inc(deferred)
 
     def _chunk_done(self, reservation: Reservation) -> None:
         with self._cond:

@@ -62,6 +62,17 @@ class ArraySource:
         return memoryview(self._u8[offset:offset + length])
 
 
+def write_piece(dst: np.ndarray, offset: int, src: bytes | memoryview, what: str) -> int:
+    """Copy a restored piece into the bytes ``dst`` (uint8) of a ``what`` at ``offset``, on this
+    thread alone; returns its length. Refuses a piece that does not fit."""
+    n = len(src)
+    if offset < 0 or offset + n > dst.size:
+        raise InvalidArgumentError(f"restored piece [{offset}, {offset + n}) exceeds the {what}'s {dst.size} bytes")
+    if n:
+        dst[offset:offset + n] = np.frombuffer(src, dtype=np.uint8)
+    return n
+
+
 class ArraySink:
     """Receives the bytes of one restored shard into a fresh numpy array."""
 
@@ -72,12 +83,7 @@ class ArraySink:
         self.received = 0
 
     def write(self, offset: int, src: memoryview) -> None:
-        n = len(src)
-        if offset < 0 or offset + n > self._u8.size:
-            raise InvalidArgumentError(f"restored piece [{offset}, {offset + n}) exceeds the array's {self._u8.size} bytes")
-        if n:
-            self._u8[offset:offset + n] = np.frombuffer(src, dtype=np.uint8)
-        self.received += n
+        self.received += write_piece(self._u8, offset, src, "array")
 
 
 def whole_layout(array: np.ndarray) -> manifest_pb2.TensorLayout:

@@ -163,13 +163,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _checkpoints(args: argparse.Namespace):  # -> common_pb2.ListReply
     if args.storage:
         from layervault.agent.catalog import Catalog
-        from layervault.agent.manifest import checkpoint_info
         from layervault.agent.storage import open_store
-        from layervault.proto import common_pb2
 
-        found = Catalog(open_store(args.storage)).checkpoints(args.job or "", args.kind or "")
-        return common_pb2.ListReply(checkpoints=[checkpoint_info(m, k) for k, m in found.checkpoints],
-                                    damaged=found.damaged)
+        return Catalog(open_store(args.storage)).checkpoints(args.job or "", args.kind or "").reply()
     from layervault.client import AgentClient
 
     return AgentClient(args.agent).listing(args.job or "", args.kind or "")

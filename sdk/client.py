@@ -380,18 +380,17 @@ class AgentClient:
                                        "use shared_memory=False or LAYERVAULT_SHARED_MEMORY=0")
             for reply in replies:
                 if isinstance(reply, RestoreFrame):  # bytes over gRPC, read by hand (layervault.stream_frames)
-                    sink = sinks.get(reply.shard)
-                    if sink is None:
-                        raise InvalidArgumentError(f"agent sent shard #{reply.shard}, which was not asked for")
-                    sink.write(reply.shard_offset, reply.data)
-                    continue
-                if reply.WhichOneof("kind") == "done":
+                    piece = reply
+                elif reply.WhichOneof("kind") == "done":
                     break
-                piece = reply.piece
+                else:
+                    piece = reply.piece
                 sink = sinks.get(piece.shard)
                 if sink is None:
                     raise InvalidArgumentError(f"agent sent shard #{piece.shard}, which was not asked for")
-                if pool is not None:
+                if isinstance(piece, RestoreFrame):
+                    sink.write(piece.shard_offset, piece.data)
+                elif pool is not None:
                     sink.write(piece.shard_offset, pool.view[piece.pool_offset:piece.pool_offset + piece.length])
                     requests.send(agent_pb2.RestoreRequest(release=agent_pb2.Piece(pool_offset=piece.pool_offset, length=piece.length)))
                 else:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 
+from layervault.arrays import write_piece
 from layervault.errors import InvalidArgumentError
 from layervault.proto import manifest_pb2
 from layervault.torch.dtypes import dtype_name, torch_dtype
@@ -44,9 +44,9 @@ class TensorSink:
     def __init__(self, layout: manifest_pb2.TensorLayout, into: torch.Tensor | None = None) -> None:
         """``into``: write straight into this contiguous CPU tensor of the shard's shape and dtype."""
         self.tensor = into if into is not None else torch.empty(tuple(layout.local_shape), dtype=torch_dtype(layout.dtype))
-        # Pieces are copied through numpy, on this thread alone: torch's copy_ splits each piece
-        # over its intra-op threads, which spin-wait while the agent and the store hold the other
-        # cores of a busy node (a 1.1 GB restore on 2 cores: rank CPU 1.4 s with copy_, 0.3 s so).
+        # Pieces are copied through numpy (write_piece), on this thread alone: torch's copy_ splits
+        # each piece over its intra-op threads, which spin-wait while the agent and the store hold
+        # the other cores of a busy node (a 1.1 GB restore on 2 cores: rank CPU 1.4 s with copy_, 0.3 s so).
         self._bytes = _bytes_view(self.tensor).numpy()
         self.received = 0
 
@@ -57,11 +57,7 @@ class TensorSink:
                 and tensor.dtype == torch_dtype(layout.dtype) and tensor.numel() > 0)
 
     def write(self, offset: int, src: memoryview) -> None:
-        n = len(src)
-        if offset < 0 or offset + n > len(self._bytes):
-            raise InvalidArgumentError(f"restored piece [{offset}, {offset + n}) exceeds the tensor's {len(self._bytes)} bytes")
-        self._bytes[offset:offset + n] = np.frombuffer(src, dtype=np.uint8)
-        self.received += n
+        self.received += write_piece(self._bytes, offset, src, "tensor")
 
 
 def whole_layout(tensor: torch.Tensor) -> manifest_pb2.TensorLayout:
