@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import pathlib
 import threading
-import time
 import urllib.parse
 
 import pytest
@@ -28,6 +27,7 @@ from layervault.proto import agent_pb2, common_pb2, manifest_pb2
 from layervault.torch import ModelManager, OptimizerManager
 
 from budget_proxy import BytesBudgetProxy
+from polling import eventually
 from services import ServiceProcess
 
 MiB = 1 << 20
@@ -104,15 +104,6 @@ def _waiter(handle: lv.SaveHandle, results: dict, name: str) -> threading.Thread
     return thread
 
 
-def _eventually(condition, what: str, timeout: float = 30.0) -> None:
-    """Wait for a state to be reached (not a timing assertion: the bound only stops a hang)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.05)
-
-
 def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
@@ -157,7 +148,7 @@ def test_agent_killed_during_upload_resumes_and_commits(node_factory):
     om.load(fresh_optimizer, step=2, model=fresh)
     assert _same_state(fresh.state_dict(), model.state_dict())
     assert _same_state(_optimizer_tensors(fresh_optimizer), _optimizer_tensors(optimizer))
-    _eventually(lambda: not pool_path.exists(), f"the old pool {pool_path} is deleted")
+    eventually(lambda: not pool_path.exists(), f"the old pool {pool_path} is deleted")
     assert not hold_path(pool_path).exists() and node.journals() == []
     assert not (node.state_dir / pool_path.name).exists()
     assert node.agent.log_path.read_text().count("resumed after an agent restart") == 2
@@ -208,7 +199,7 @@ def test_coordinator_restarted_too_drops_the_journal_and_keeps_the_previous_step
     waiter.join(150)
 
     assert isinstance(results["model"], LayervaultError), results
-    _eventually(lambda: node.journals() == [], "the resumed journal is dropped")
+    eventually(lambda: node.journals() == [], "the resumed journal is dropped")
     assert "the resumed save did not commit" in node.agent.log_path.read_text()
     assert [c.step for c in mm.checkpoints()] == [1]
     fresh, _ = _trained(1)

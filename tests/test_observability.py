@@ -13,9 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
-from typing import Callable
 
 import grpc
 import pytest
@@ -36,22 +34,11 @@ from layervault.client import AgentClient, CheckpointRef, SaveEntry
 from layervault.proto import coordinator_pb2, manifest_pb2
 from layervault.torch.tensors import TensorSource, whole_layout
 
+from polling import eventually
 from services import ServiceProcess
 
 CHUNK = 64 << 10
 STAGING = 16 << 20
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    """Poll ``condition`` until it returns something true (outcomes only; no timing is asserted)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def scrape(address: str) -> dict[tuple[str, tuple], float]:
@@ -121,7 +108,7 @@ def test_metrics_count_a_save_and_two_restores(store_url):
         tensors = {"w": torch.randn(256, 256), "steps": torch.arange(1024, dtype=torch.int64)}  # 256 KiB + 8 KiB
         handle = save(agent, "metered", 1, tensors)
         info = handle.wait(60)
-        wait_until(lambda: total(scrape(agent.metrics_address), "layervault_agent_saves_durable_total") == 1,
+        eventually(lambda: total(scrape(agent.metrics_address), "layervault_agent_saves_durable_total") == 1,
                    "the agent to count its save as durable")
         a = scrape(agent.metrics_address)
         manifest = AgentClient(agent.address).resolve("metered", "model", {"step": "1"})
@@ -145,7 +132,7 @@ def test_metrics_count_a_save_and_two_restores(store_url):
         assert total(a, "layervault_storage_requests_total", role="agent", op="put") == chunks
         assert total(a, "layervault_storage_bytes_total", role="agent", direction="put") == info.stored_bytes
         assert ("layervault_storage_retries_total", (("role", "agent"),)) in a  # read from StoreStats.retries
-        wait_until(lambda: total(scrape(agent.metrics_address), "layervault_agent_staging_used_bytes") == 0,
+        eventually(lambda: total(scrape(agent.metrics_address), "layervault_agent_staging_used_bytes") == 0,
                    "staging memory to be released")
 
         c = scrape(running.coordinator.metrics_address)
@@ -212,7 +199,7 @@ def test_json_log_lines_carry_job_step_and_rank(cluster):
         def lines() -> list[dict]:
             return [json.loads(line) for line in stream.getvalue().splitlines()]
 
-        durable = wait_until(lambda: [r for r in lines() if "shards durable" in r["message"]], "the agent's log line")[0]
+        durable = eventually(lambda: [r for r in lines() if "shards durable" in r["message"]], "the agent's log line")[0]
         committed = [r for r in lines() if r["message"].startswith("committed logged/model/step 7")][0]
     finally:
         root.removeHandler(handler)
@@ -252,7 +239,7 @@ def test_status_shows_each_agent_in_flight_memory_and_last_error(cluster, tmp_pa
         done = ok and bad and ok["saves_in_flight"] == 0 and bad["saves_in_flight"] == 0 and bad["last_error"]
         return (ok, bad) if done else None
 
-    ok, bad = wait_until(settled, "both agents' reports after their saves")
+    ok, bad = eventually(settled, "both agents' reports after their saves")
     assert ok["phase"] == "serving" and ok["last_error"] == "" and ok["address"] == healthy.address
     assert ok["staging_budget_bytes"] == STAGING and ok["peak_rss_bytes"] > 0 and ok["version"] == lv.__version__
     assert "doomed/model/step 1 rank 0: upload of layer 'w' failed" in bad["last_error"] and bad["last_error_at"]

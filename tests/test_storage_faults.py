@@ -14,7 +14,7 @@ import json
 import os
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -33,6 +33,7 @@ from layervault.proto import agent_pb2, agent_pb2_grpc
 from layervault.torch import ModelManager
 
 from s3_fault_proxy import Fault, S3FaultProxy
+from polling import eventually
 from services import InProcessServices, start_in_process
 
 pytestmark = pytest.mark.s3
@@ -87,15 +88,6 @@ def _objects(s3_server, bucket: str, prefix: str) -> list[str]:
 def _open_uploads(s3_server, bucket: str, prefix: str) -> list[str]:
     reply = s3_server.admin.list_multipart_uploads(Bucket=bucket, Prefix=f"{PREFIX}/{prefix}")
     return [upload["Key"] for upload in reply.get("Uploads", ())]
-
-
-def _eventually(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Background cleanup runs on its own thread: wait for its result (not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout:.0f}s: {what}")
-        time.sleep(0.1)
 
 
 # -- (a) transient failures are retried ---------------------------------------------------------
@@ -249,7 +241,7 @@ def test_failed_attempt_objects_are_deleted(services, through_proxy, s3_server, 
         mm.save({"a": _tensor(8), "b": _tensor(9)}, step=5).wait(60)
     assert through_proxy.count("PUT", r"/layers/a/", faulted=False) >= 4  # a's chunks were stored
     step_prefix = keys.step_prefix("sweep", "model", 5)
-    _eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], f"objects below {step_prefix}")
+    eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], f"objects below {step_prefix}", timeout=20.0)
     through_proxy.clear()
     assert mm.checkpoints() == []
 
@@ -274,7 +266,7 @@ def test_chunks_stored_after_the_attempt_failed_are_swept_by_their_agent(service
     with pytest.raises(lv.SaveFailedError, match="layer 'early'"):
         handle.wait(timeout=30)
     assert through_proxy.count("PUT", r"/layers/fine/", faulted=False) == 4
-    _eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], "the coordinator's sweep")
+    eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], "the coordinator's sweep", timeout=20.0)
     through_proxy.clear()
 
     # Only now do rank 1's chunks reach storage: its agent's report is refused, and it sweeps them.
@@ -282,8 +274,8 @@ def test_chunks_stored_after_the_attempt_failed_are_swept_by_their_agent(service
     requests.put(agent_pb2.SaveRequest(finish=True))
     requests.put(None)
     assert next(replies).WhichOneof("kind") == "finished"
-    _eventually(lambda: through_proxy.count("PUT", r"/layers/late/", faulted=False) == 4, "rank 1's chunks stored")
-    _eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], "the agent's sweep of rank 1's chunks")
+    eventually(lambda: through_proxy.count("PUT", r"/layers/late/", faulted=False) == 4, "rank 1's chunks stored", timeout=20.0)
+    eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], "the agent's sweep of rank 1's chunks", timeout=20.0)
     assert client.list(ref.job) == []
 
 
@@ -295,7 +287,7 @@ def test_commit_deadline_removes_objects_and_open_multipart_uploads(through_prox
         handle = client.save(CheckpointRef("expire", "model", 1), rank=0, world_size=2,
                              config=mm._config_proto(), keys={}, extra={}, entries=_entries({"w": _tensor(10)}))
         step_prefix = keys.step_prefix("expire", "model", 1)
-        _eventually(lambda: len(_objects(s3_server, s3_bucket, step_prefix)) == 4, "rank 0's 4 chunks")
+        eventually(lambda: len(_objects(s3_server, s3_bucket, step_prefix)) == 4, "rank 0's 4 chunks", timeout=20.0)
         save_id = _objects(s3_server, s3_bucket, step_prefix)[0].rsplit("/", 1)[-1].split(".")[0]
         # Rank 1's agent died in the middle of a multipart upload of its chunk.
         key = f"{PREFIX}/{step_prefix}layers/w/{save_id}.r1.c00000"
@@ -306,8 +298,8 @@ def test_commit_deadline_removes_objects_and_open_multipart_uploads(through_prox
         with pytest.raises(DeadlineError, match=r"ranks \[1\] did not report"):
             handle.wait(timeout=30)  # the coordinator expires the attempt while this waits
 
-        _eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], f"objects below {step_prefix}")
-        _eventually(lambda: _open_uploads(s3_server, s3_bucket, step_prefix) == [], "open multipart uploads")
+        eventually(lambda: _objects(s3_server, s3_bucket, step_prefix) == [], f"objects below {step_prefix}", timeout=20.0)
+        eventually(lambda: _open_uploads(s3_server, s3_bucket, step_prefix) == [], "open multipart uploads", timeout=20.0)
     finally:
         services.stop()
 
