@@ -13,6 +13,7 @@ from layervault.errors import (
     LayervaultError,
     NotFoundError,
     SaveFailedError,
+    StagedWhileChangingError,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "IncompatibleStateError",
     "InvalidArgumentError",
     "SaveFailedError",
+    "StagedWhileChangingError",
 ]
 
 __version__ = "0.1.0"

@@ -61,6 +61,9 @@ class ArraySource:
     def read(self, offset: int, length: int) -> memoryview:
         return memoryview(self._u8[offset:offset + length])
 
+    def modified(self) -> bool:
+        return False  # numpy keeps no version; the TensorFlow managers hand over snapshots
+
 
 def write_piece(dst: np.ndarray, offset: int, src: bytes | memoryview, what: str) -> int:
     """Copy a restored piece into the bytes ``dst`` (uint8) of a ``what`` at ``offset``, on this

@@ -14,11 +14,14 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Iterator, Mapping, Protocol, Sequence
 
 import grpc
 
-from layervault.errors import InvalidArgumentError, LayervaultError, UnavailableError, error_from_rpc
+from layervault.errors import (DeadlineError, InvalidArgumentError, LayervaultError, StagedWhileChangingError,
+                               UnavailableError, error_from_rpc)
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2
 from layervault.stream_frames import DataFrame, RestoreFrame, decode_restore_reply, encode_save_request
 
@@ -47,7 +50,11 @@ class ByteSource(Protocol):
 
     def read(self, offset: int, length: int) -> bytes | memoryview:
         """Bytes ``[offset, offset + length)`` for the streaming path; a view is best (the
-        stream copies it once into its message, before ``save`` returns)."""
+        stream copies it once into its message, before the bytes count as staged)."""
+
+    def modified(self) -> bool:
+        """Whether the bytes changed since this source was made: the save is then refused
+        rather than committing a torn state. ``False`` where it cannot be known (a snapshot)."""
 
 
 class ByteSink(Protocol):
@@ -74,16 +81,42 @@ class CheckpointRef:
 
 
 class SaveHandle:
-    """Returned by ``save()`` once the bytes are handed to the agent; ``wait()`` for the commit."""
+    """Returned by ``save()``; ``wait_staged()`` for the hand-off, ``wait()`` for the commit.
 
-    def __init__(self, client: "AgentClient", ref: CheckpointRef, rank: int, staged_bytes: int) -> None:
-        self.client, self.ref, self.rank, self.staged_bytes = client, ref, rank, staged_bytes
+    A blocking save returns it with the bytes already staged. A background save returns at
+    once and stages on a thread of its own: the caller must not change the tensors until
+    ``wait_staged()`` returns (before the next optimizer step; forward and backward may run).
+    """
+
+    def __init__(self, client: "AgentClient", ref: CheckpointRef, rank: int, staging: Future[int]) -> None:
+        self.client, self.ref, self.rank = client, ref, rank
+        self._staging = staging
         self._info: common_pb2.CheckpointInfo | None = None
+
+    @property
+    def staged(self) -> bool:
+        """Whether the hand-off has ended (successfully or not); never blocks."""
+        return self._staging.done()
+
+    @property
+    def staged_bytes(self) -> int:
+        return self.wait_staged()
+
+    def wait_staged(self, timeout: float | None = None) -> int:
+        """Block until the agent holds every byte of this rank's state; returns the byte count.
+        Raises the hand-off's error (e.g. :class:`StagedWhileChangingError`)."""
+        try:
+            return self._staging.result(timeout)
+        except FutureTimeout:
+            raise DeadlineError(f"{self}: not staged within {timeout} s") from None
 
     def wait(self, timeout: float | None = None) -> common_pb2.CheckpointInfo:
         """Block until the checkpoint is committed; raises SaveFailedError/DeadlineError otherwise."""
         if self._info is None:
-            self._info = self.client.wait_save(self.ref, self.rank, timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self.wait_staged(timeout)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._info = self.client.wait_save(self.ref, self.rank, remaining)
         return self._info
 
     def __repr__(self) -> str:
@@ -248,8 +281,10 @@ class AgentClient:
         incremental: bool = False,
         retention: common_pb2.RetentionPolicy | None = None,
         incarnation: str = "",
+        background: bool = False,
     ) -> SaveHandle:
-        """Hand the entries' bytes to the agent; returns when the agent holds all of them.
+        """Hand the entries' bytes to the agent; returns when the agent holds all of them, or
+        at once with ``background`` (the hand-off then runs on its own thread, see :class:`SaveHandle`).
 
         ``needs_seal``: the checkpoint commits only after :meth:`seal` (DCP's finish).
         ``incremental``: reference unchanged chunks of the job's newest checkpoint;
@@ -257,12 +292,28 @@ class AgentClient:
         ``incarnation``: the run of the job (equal on all its ranks, new after a restart, see
         :mod:`layervault.incarnation`), so a dead run's open attempt never captures this one.
         """
-        requests = _Requests()
         open_msg = agent_pb2.SaveOpen(
             id=ref.proto(), rank=rank, world_size=world_size, config=config, keys=dict(keys), extra=dict(extra),
             entries=[agent_pb2.EntrySpec(name=e.name, layout=e.layout, nbytes=e.source.nbytes) for e in entries],
             overwrite=overwrite, shared_memory=self.shared_memory, needs_seal=needs_seal, incremental=incremental,
             retention=retention, incarnation=incarnation)
+        staging: Future[int] = Future()
+        if not background:
+            staging.set_result(self._hand_off(ref, open_msg, entries))
+            return SaveHandle(self, ref, rank, staging)
+
+        def stage() -> None:
+            try:
+                staging.set_result(self._hand_off(ref, open_msg, entries))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by wait_staged()/wait()
+                staging.set_exception(exc)
+
+        threading.Thread(target=stage, name=f"layervault-stage-{ref.kind}-{ref.step}", daemon=True).start()
+        return SaveHandle(self, ref, rank, staging)
+
+    def _hand_off(self, ref: CheckpointRef, open_msg: agent_pb2.SaveOpen, entries: Sequence[SaveEntry]) -> int:
+        """One Save stream: open, the bytes (shared memory or gRPC), finish; the staged byte count."""
+        requests = _Requests()
         requests.send(agent_pb2.SaveRequest(open=open_msg))
         replies = requests.call = self._save(iter(requests))
         try:
@@ -272,6 +323,12 @@ class AgentClient:
                 self._handoff_shared(requests, replies, entries, pool, opened.chunk_size)
             else:  # no shared memory, or the agent's pool is not on this host: bytes over gRPC
                 self._handoff_stream(requests, entries, opened.chunk_size)
+            changed = [e.name for e in entries if e.source.modified()]
+            if changed:  # checked before finish: a cancelled stream aborts the attempt, nothing commits
+                raise StagedWhileChangingError(
+                    f"{ref.job}/{ref.kind} step {ref.step} was not saved: {len(changed)} tensor(s) changed while "
+                    f"being staged ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); with a "
+                    f"background save, call wait_staged() before the next optimizer step")
             requests.send(agent_pb2.SaveRequest(finish=True))
             finished = next(replies).finished
             requests.close()
@@ -282,7 +339,7 @@ class AgentClient:
             replies.cancel()  # first: a full send queue then no longer waits for the agent
             requests.close()
             raise
-        return SaveHandle(self, ref, rank, finished.staged_bytes)
+        return finished.staged_bytes
 
     def _handoff_shared(self, requests: _Requests, replies: Iterator[agent_pb2.SaveReply],
                         entries: Sequence[SaveEntry], pool: _PoolMapping, chunk_size: int) -> None:

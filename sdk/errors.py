@@ -52,6 +52,11 @@ class SaveFailedError(LayervaultError):
     code = grpc.StatusCode.ABORTED
 
 
+class StagedWhileChangingError(SaveFailedError):
+    """A background save's tensors changed before their bytes were all staged (the training
+    step ran before ``SaveHandle.wait_staged()``); the step was not saved, nothing torn commits."""
+
+
 class DeadlineError(SaveFailedError):
     """Waited too long for a commit or for staging memory."""
 

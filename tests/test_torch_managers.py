@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import grpc
@@ -289,3 +290,69 @@ def test_save_falls_back_to_the_grpc_stream_when_the_pool_cannot_be_mapped(servi
         services.agent_address, shared_memory=False)).load_layer("head.weight", step=1), model.head.weight.detach())
     with pytest.raises(lv.LayervaultError, match="LAYERVAULT_SHARED_MEMORY=0"):
         mm.load_layer("head.weight", step=1)
+
+
+def test_background_save_overlaps_forward_and_backward_and_commits_the_snapshot(services, shared_memory):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, opt, 2, seed=1)
+    mm, om = managers(services, shared_memory=shared_memory)
+    expected_model = copy.deepcopy(model.state_dict())
+    expected_opt = copy.deepcopy(opt.state_dict())
+    handles = [mm.save(model, step=2, background=True), om.save(opt, model=model, background=True)]
+    # The next step's forward and backward run while the state is staged; only step() must wait.
+    loss = torch.nn.functional.mse_loss(model(torch.randn(16, 64)), torch.randn(16, 4))
+    opt.zero_grad()
+    loss.backward()
+    assert all(h.wait_staged(timeout=60) > 0 for h in handles)
+    assert all(h.staged for h in handles)
+    opt.step()  # changes every weight and moment after staging: the checkpoint keeps the snapshot
+    assert [h.wait(timeout=60).id.step for h in handles] == [2, 2]
+
+    fresh = Net()
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+    mm.load(fresh, step=2)
+    om.load(fresh_opt, step=2, model=fresh)
+    assert_same_state(fresh.state_dict(), expected_model)
+    for index, state in expected_opt["state"].items():
+        assert_same_state(fresh_opt.state_dict()["state"][index], state)
+
+
+def test_background_save_whose_tensors_change_while_staging_never_commits(services, shared_memory, monkeypatch):
+    from layervault.torch import tensors
+
+    model = Net()
+    mm, _ = managers(services, shared_memory=shared_memory)
+    mm.save(model, step=1).wait(60)
+    committed = copy.deepcopy(model.state_dict())
+    started, go = threading.Event(), threading.Event()
+
+    def stalling(original):
+        def first_piece_waits(self, *args):
+            started.set()
+            assert go.wait(30)
+            return original(self, *args)
+        return first_piece_waits
+
+    monkeypatch.setattr(tensors.TensorSource, "copy_to", stalling(tensors.TensorSource.copy_to))
+    monkeypatch.setattr(tensors.TensorSource, "read", stalling(tensors.TensorSource.read))
+    handle = mm.save(model, step=2, background=True)
+    assert started.wait(30) and not handle.staged
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # the optimizer step that came too early
+    go.set()
+    with pytest.raises(lv.StagedWhileChangingError, match=r"run-42/model step 2 was not saved: 1 tensor\(s\) changed "
+                                                         r"while being staged \(head.weight\)"):
+        handle.wait_staged(timeout=60)
+    with pytest.raises(lv.StagedWhileChangingError):
+        handle.wait(timeout=60)
+    with pytest.raises(lv.SaveFailedError):  # the agent aborted the attempt: nothing of step 2 commits
+        mm.client.wait_save(CheckpointRef("run-42", "model", 2), rank=0, timeout=30)
+    assert [c.step for c in mm.checkpoints()] == [1]
+    target = Net()
+    mm.load(target)
+    assert_same_state(target.state_dict(), committed)
+    monkeypatch.undo()
+    mm.save(model, step=2).wait(60)  # the step can be saved again
+    assert [c.step for c in mm.checkpoints()] == [1, 2]

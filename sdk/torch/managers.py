@@ -55,7 +55,7 @@ class _Manager(ManagerBase):
         self.incarnation = job_incarnation()
 
     def _save(self, tensors: StateDict, step: int, keys: Mapping[str, Any], extra: Mapping[str, str],
-              overwrite: bool) -> SaveHandle:
+              overwrite: bool, background: bool) -> SaveHandle:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise InvalidArgumentError(f"step must be a non-negative int, got {step!r}")
         if "step" in keys:
@@ -68,7 +68,7 @@ class _Manager(ManagerBase):
         mine = [SaveEntry(n, whole_layout(t), TensorSource(t)) for n, t in tensors.items() if owners[n] == rank]
         ref = CheckpointRef(self.config.job, self.kind, step)
         return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite,
-                                incarnation=self.incarnation, **self._lifecycle_options())
+                                incarnation=self.incarnation, background=background, **self._lifecycle_options())
 
     def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, torch.Tensor]:
         """Whole tensors for ``names``; sharded entries (saved through DCP) are reassembled."""
@@ -103,10 +103,16 @@ class ModelManager(_Manager):
             raise InvalidArgumentError("ModelManager needs a layervault.ModelConfig")
         super().__init__(config, agent, shared_memory)
 
-    def save(self, model: torch.nn.Module | StateDict, step: int, overwrite: bool = False, **keys: Any) -> SaveHandle:
-        """Hand the state to the agent; returns once the bytes are staged. ``.wait()`` for the commit."""
+    def save(self, model: torch.nn.Module | StateDict, step: int, overwrite: bool = False, background: bool = False,
+             **keys: Any) -> SaveHandle:
+        """Hand the state to the agent; returns once the bytes are staged. ``.wait()`` for the commit.
+
+        ``background=True`` returns at once and stages on a thread: forward and backward may
+        run meanwhile, but call ``wait_staged()`` on the handle before the optimizer changes the
+        weights (a save whose tensors changed while staging fails, it never commits torn state).
+        """
         state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-        return self._save(state, step, keys, {}, overwrite)
+        return self._save(state, step, keys, {}, overwrite, background)
 
     def load(self, model: torch.nn.Module | StateDict, step: int | None = None, **keys: Any) -> Checkpoint:
         """Load the latest committed checkpoint, or the one with ``step``/``keys``, in place."""
@@ -189,7 +195,8 @@ class OptimizerManager(_Manager):
         super().__init__(config, agent, shared_memory)
 
     def save(self, optimizer: torch.optim.Optimizer, step: int | None = None, model: torch.nn.Module | None = None,
-             overwrite: bool = False, **keys: Any) -> SaveHandle:
+             overwrite: bool = False, background: bool = False, **keys: Any) -> SaveHandle:
+        """Hand the optimizer's state to the agent (``background`` as for :meth:`ModelManager.save`)."""
         state_dict = optimizer.state_dict()
         names = _param_names(optimizer, model)
         if step is None:
@@ -208,7 +215,7 @@ class OptimizerManager(_Manager):
             doc["params"] = [names[i] for i in group["params"]]
             groups.append(doc)
         extra = {_GROUPS: json.dumps(groups), _SCALARS: json.dumps(scalars), _CLASS: type(optimizer).__name__}
-        return self._save(tensors, step, keys, extra, overwrite)
+        return self._save(tensors, step, keys, extra, overwrite, background)
 
     def load(self, optimizer: torch.optim.Optimizer, step: int | None = None, model: torch.nn.Module | None = None,
              **keys: Any) -> Checkpoint:

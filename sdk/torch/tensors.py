@@ -20,6 +20,13 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version  # detach() shares it; a non-contiguous tensor was copied, a snapshot
+    except RuntimeError:  # an inference-mode tensor
+        return None
+
+
 class TensorSource:
     """Bytes of a tensor (moved to CPU and made contiguous first if needed)."""
 
@@ -30,6 +37,12 @@ class TensorSource:
         self.tensor = t.contiguous()
         self._u8 = _bytes_view(self.tensor)
         self.nbytes = self._u8.numel()
+        self._version = _version(self.tensor)
+
+    def modified(self) -> bool:
+        """In-place updates through the tensor (torch.optim's steps) bump its version counter;
+        writes through ``.data`` do not, and inference tensors have none."""
+        return self._version is not None and _version(self.tensor) != self._version
 
     def copy_to(self, offset: int, dst: memoryview) -> None:
         torch.frombuffer(dst, dtype=torch.uint8).copy_(self._u8[offset:offset + len(dst)])
