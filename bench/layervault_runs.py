@@ -23,19 +23,26 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 def managers(storage: str, staging_mib: int, runs: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-             workdir: pathlib.Path) -> SystemResult:
+             workdir: pathlib.Path, background: bool = False) -> SystemResult:
+    """``background``: ``save(background=True)``; blocked is until save() returns, ``staged``
+    until both handles' ``wait_staged()`` return (when the next optimizer step may run)."""
     label = f"{staging_mib // 1024} GiB" if staging_mib >= 1024 else f"{staging_mib} MiB"
-    result = SystemResult(f"layervault ModelManager, {label} staging")
-    with Up(storage, staging_mib, workdir) as up:
+    result = SystemResult(f"layervault ModelManager, {label} staging{', background staging' if background else ''}")
+    with Up(storage, staging_mib, workdir, tag="-bg" if background else "") as up:
         client = lv.AgentClient(up.info["agent"])
-        job = f"bench-{staging_mib}"
+        job = f"bench-{staging_mib}{'-bg' if background else ''}"
         mm = ModelManager(lv.ModelConfig(job=job, name="linear-stack"), agent=client)
         om = OptimizerManager(lv.OptimizerConfig(job=job, name="adam"), agent=client)
         for run in range(runs):
             with PeakRss() as rss:
                 start = time.perf_counter()
-                handles = [mm.save(model, step=run), om.save(opt, step=run)]
+                handles = [mm.save(model, step=run, background=background),
+                           om.save(opt, step=run, background=background)]
                 result.blocked.append(time.perf_counter() - start)
+                if background:
+                    for handle in handles:
+                        handle.wait_staged()
+                    result.staged.append(time.perf_counter() - start)
                 infos = [h.wait(timeout=600) for h in handles]
                 result.durable.append(time.perf_counter() - start)
             result.trainer_rss.append(rss.increase)

@@ -80,8 +80,10 @@ def dcp_filesystem(bucket: Bucket, runs: int, model: torch.nn.Module, opt: torch
 
 
 def s3_connector(bucket: Bucket, runs: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 asynchronous: bool) -> SystemResult | str:
-    """s3torchconnector's DCP writer/reader; a string says why it could not run here."""
+                 asynchronous: bool, background_staging: bool = False) -> SystemResult | str:
+    """s3torchconnector's DCP writer/reader; a string says why it could not run here.
+
+    ``background_staging``: async_save with DCP's staging on its own thread as well."""
     try:
         from s3torchconnector import S3ClientConfig
         from s3torchconnector.dcp import S3StorageReader, S3StorageWriter
@@ -93,8 +95,8 @@ def s3_connector(bucket: Bucket, runs: int, model: torch.nn.Module, opt: torch.o
     # SeaweedFS on loopback has no virtual-host DNS names: path-style addressing.
     config = S3ClientConfig(force_path_style=True)
     kind = "async_save" if asynchronous else "save"
-    prefix = f"s3tc-{kind}"
-    result = SystemResult(f"dcp.{kind} + s3torchconnector S3StorageWriter")
+    prefix = f"s3tc-{kind}{'-bg' if background_staging else ''}"
+    result = SystemResult(f"dcp.{kind} + s3torchconnector S3StorageWriter{', background staging' if background_staging else ''}")
     state = dcp_state(model, opt)
 
     def path(run: int) -> str:
@@ -103,7 +105,7 @@ def s3_connector(bucket: Bucket, runs: int, model: torch.nn.Module, opt: torch.o
     try:
         for run in range(runs):
             writer = S3StorageWriter(region, path(run), s3client_config=config)
-            timed_dcp_save(state, writer, asynchronous, result)
+            timed_dcp_save(state, writer, asynchronous, result, background_staging=background_staging)
         result.stored = bucket.stored_bytes(f"{prefix}/0/")
         key = middle_key(len(model))
         for run in range(runs):

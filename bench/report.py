@@ -47,17 +47,26 @@ def targets(b: BenchRun) -> list[str]:
     by = {r.name: r for r in b.systems}
     lv = by.get("layervault ModelManager, 2 GiB staging")
     small = by.get("layervault ModelManager, 256 MiB staging")
+    background = by.get("layervault ModelManager, 2 GiB staging, background staging")
     peers = [r for r in b.systems if "layervault" not in r.name]
     if lv is None or not peers:
         return ["- (targets need the layervault and peer rows)"]
     copy = median(b.floors["copy"])
     out = []
     first, later = lv.blocked_first / copy, median(lv.blocked_later) / copy
-    asyncs = [r for r in peers if "async_save" in r.name]
+    asyncs = [r for r in peers if "async_save" in r.name and not r.staged]  # DCP's default: staging blocks
     runs_ok = all(all(x <= y for x, y in zip(lv.blocked, r.blocked)) for r in asyncs)
     out.append(f"1. Blocked time <= 1.5x pre-faulted memcpy, first and later saves: first {first:.2f}x, later {later:.2f}x "
                f"-> {_verdict(first <= 1.5 and later <= 1.5)}; <= DCP async_save's blocked time on every run "
                f"({', '.join(f'{r.name}: {stats(r.blocked)}' for r in asyncs)}) -> {_verdict(runs_ok)}")
+    if background is not None:
+        every_async = [r for r in peers if "async_save" in r.name]
+        bg_first, bg_later = background.blocked_first / copy, median(background.blocked_later) / copy
+        bg_ok = all(all(x <= y for x, y in zip(background.blocked, r.blocked)) for r in every_async)
+        out.append(f"   With background staging (save returns, the copy overlaps forward/backward; staging ends after "
+                   f"{stats(background.staged)} s): first {bg_first:.2f}x, later {bg_later:.2f}x memcpy -> "
+                   f"{_verdict(bg_first <= 1.5 and bg_later <= 1.5)}; <= every DCP async_save row's blocked time on "
+                   f"every run, its background-staging mode included -> {_verdict(bg_ok)}")
     best_durable = min(peers, key=lambda r: median(r.durable))
     ratio = median(lv.durable) / median(best_durable.durable)
     out.append(f"2. Time to durable <= 0.85x the best peer's ({best_durable.name}, {median(best_durable.durable):.3f} s): "
@@ -98,6 +107,8 @@ def render(b: BenchRun) -> str:
     ]
     lines += [_row(r) for r in b.systems]
     notes = [f"- {r.name}: {r.note}" for r in b.systems if r.note]
+    notes += [f"- {r.name}: the save returns after the blocked time; staging (the copy the next optimizer step must "
+              f"wait for) ends after {stats(r.staged)} s" for r in b.systems if r.staged]
     notes += [f"- {name}: not measured: {why}" for name, why in b.skipped.items()]
     if notes:
         lines += ["", *notes]

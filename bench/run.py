@@ -104,8 +104,12 @@ def main() -> int:
                 for asynchronous in (False, True):
                     kind = "async_save" if asynchronous else "save"
                     add(lambda b, _: peers.s3_connector(b, args.runs, model, opt, asynchronous), f"s3torchconnector ({kind})")
+                add(lambda b, _: peers.s3_connector(b, args.runs, model, opt, True, background_staging=True),
+                    "s3torchconnector (async_save, background staging)")
             for staging in (2048, 256):
                 add(lambda _, url: layervault_runs.managers(url, staging, args.runs, model, opt, workdir), "layervault")
+            add(lambda _, url: layervault_runs.managers(url, 2048, args.runs, model, opt, workdir, background=True),
+                "layervault (background staging)")
             for asynchronous in (False, True):
                 add(lambda _, url: layervault_runs.dcp_writer(url, args.runs, model, opt, workdir, asynchronous),
                     "layervault DCP")

@@ -101,6 +101,7 @@ class SystemResult:
 
     name: str
     blocked: list[float] = dataclasses.field(default_factory=list)  # every save, the first included
+    staged: list[float] = dataclasses.field(default_factory=list)  # background staging only: until it ended
     durable: list[float] = dataclasses.field(default_factory=list)
     restore: list[float] = dataclasses.field(default_factory=list)
     layer: list[float] = dataclasses.field(default_factory=list)  # one-layer restore; empty: not offered
@@ -120,14 +121,27 @@ class SystemResult:
 
 
 def timed_dcp_save(state: dict, writer: object, asynchronous: bool, result: SystemResult,
-                   then: Callable[[], object] | None = None) -> None:
+                   then: Callable[[], object] | None = None, background_staging: bool = False) -> None:
     """One DCP save into ``result``: blocked until ``save``/``async_save`` returns, durable once
-    its future and ``then`` (an upload, for the disk peers) are done; the trainer's peak RSS."""
+    its future and ``then`` (an upload, for the disk peers) are done; the trainer's peak RSS.
+
+    ``background_staging``: async_save stages on DCP's own thread (``DefaultStager`` with
+    ``use_async_staging``, its zero-overhead mode) and ``staged`` records when that ended."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     with PeakRss() as rss:
         start = time.perf_counter()
-        if asynchronous:
+        if background_staging:
+            stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                                  use_async_staging=True, use_non_blocking_copy=False))
+            response = dcp.async_save(state, storage_writer=writer, async_stager=stager)
+            result.blocked.append(time.perf_counter() - start)
+            response.staging_completion.result()
+            result.staged.append(time.perf_counter() - start)
+            response.upload_completion.result()
+            stager.close()
+        elif asynchronous:
             future = dcp.async_save(state, storage_writer=writer)
             result.blocked.append(time.perf_counter() - start)
             future.result()

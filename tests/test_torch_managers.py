@@ -319,29 +319,39 @@ def test_background_save_overlaps_forward_and_backward_and_commits_the_snapshot(
         assert_same_state(fresh_opt.state_dict()["state"][index], state)
 
 
-def test_background_save_whose_tensors_change_while_staging_never_commits(services, shared_memory, monkeypatch):
-    from layervault.torch import tensors
+class StalledStaging:
+    """Holds every background hand-off at its first piece until ``go()``: the test decides
+    what the training thread does while the state is being staged."""
 
+    def __init__(self, monkeypatch) -> None:
+        from layervault.torch import tensors
+
+        self.started, self._go = threading.Event(), threading.Event()
+        for method in ("copy_to", "read"):  # shared memory, gRPC stream
+            monkeypatch.setattr(tensors.TensorSource, method, self._stalling(getattr(tensors.TensorSource, method)))
+
+    def _stalling(self, original):
+        def first_piece_waits(source, *args):
+            self.started.set()
+            assert self._go.wait(30)
+            return original(source, *args)
+        return first_piece_waits
+
+    def go(self) -> None:
+        self._go.set()
+
+
+def test_background_save_whose_tensors_change_while_staging_never_commits(services, shared_memory, monkeypatch):
     model = Net()
     mm, _ = managers(services, shared_memory=shared_memory)
     mm.save(model, step=1).wait(60)
     committed = copy.deepcopy(model.state_dict())
-    started, go = threading.Event(), threading.Event()
-
-    def stalling(original):
-        def first_piece_waits(self, *args):
-            started.set()
-            assert go.wait(30)
-            return original(self, *args)
-        return first_piece_waits
-
-    monkeypatch.setattr(tensors.TensorSource, "copy_to", stalling(tensors.TensorSource.copy_to))
-    monkeypatch.setattr(tensors.TensorSource, "read", stalling(tensors.TensorSource.read))
+    stalled = StalledStaging(monkeypatch)
     handle = mm.save(model, step=2, background=True)
-    assert started.wait(30) and not handle.staged
+    assert stalled.started.wait(30) and not handle.staged
     with torch.no_grad():
         model.head.weight.add_(1.0)  # the optimizer step that came too early
-    go.set()
+    stalled.go()
     with pytest.raises(lv.StagedWhileChangingError, match=r"run-42/model step 2 was not saved: 1 tensor\(s\) changed "
                                                          r"while being staged \(head.weight\)"):
         handle.wait_staged(timeout=60)
@@ -356,3 +366,20 @@ def test_background_save_whose_tensors_change_while_staging_never_commits(servic
     monkeypatch.undo()
     mm.save(model, step=2).wait(60)  # the step can be saved again
     assert [c.step for c in mm.checkpoints()] == [1, 2]
+
+
+def test_background_save_snapshots_buffers_that_the_overlapped_forward_changes(services, monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    mm, _ = managers(services)
+    model(torch.randn(4, 8))
+    expected = copy.deepcopy(model.state_dict())
+    stalled = StalledStaging(monkeypatch)
+    handle = mm.save(model, step=1, background=True)
+    assert stalled.started.wait(30)
+    model(torch.randn(4, 8) * 3)  # the next forward pass updates the running statistics in place
+    stalled.go()
+    assert handle.wait(timeout=60).id.step == 1
+    assert not torch.equal(model.state_dict()["1.running_mean"], expected["1.running_mean"])
+    target = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    mm.load(target)
+    assert_same_state(target.state_dict(), expected)

@@ -108,10 +108,16 @@ class ModelManager(_Manager):
         """Hand the state to the agent; returns once the bytes are staged. ``.wait()`` for the commit.
 
         ``background=True`` returns at once and stages on a thread: forward and backward may
-        run meanwhile, but call ``wait_staged()`` on the handle before the optimizer changes the
-        weights (a save whose tensors changed while staging fails, it never commits torn state).
+        run meanwhile (a module's buffers are snapshotted first), but call ``wait_staged()`` on
+        the handle before the optimizer changes the weights (a save whose tensors changed while
+        staging fails, it never commits torn state).
         """
         state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        if background and isinstance(model, torch.nn.Module):
+            # Buffers (BatchNorm's running statistics) change in the forward pass the staging
+            # overlaps; they are small, so they are snapshotted now and only parameters wait.
+            buffers = {name for name, _ in model.named_buffers()}
+            state = {n: t.detach().clone() if n in buffers else t for n, t in state.items()}
         return self._save(state, step, keys, {}, overwrite, background)
 
     def load(self, model: torch.nn.Module | StateDict, step: int | None = None, **keys: Any) -> Checkpoint:
