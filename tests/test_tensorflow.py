@@ -279,6 +279,33 @@ def test_a_mapping_of_arrays_and_variables_round_trips(services, shared_memory):
     assert target["mask"].tolist() == [True, False, True] and target["w"].tobytes() == state["w"].tobytes()
 
 
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "grpc-stream"])
+def test_background_save_hands_off_snapshots_while_training_goes_on(services, shared_memory, monkeypatch):
+    import threading
+
+    from layervault import arrays
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    state = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    mm, _ = managers(services, shared_memory=shared_memory)
+    expected = values(model_variables(model))
+    go = threading.Event()
+    for method in ("copy_to", "read"):  # every hand-off waits until training went on
+        original = getattr(arrays.ArraySource, method)
+        monkeypatch.setattr(arrays.ArraySource, method, lambda self, *a, _o=original: (go.wait(30), _o(self, *a))[1])
+    handles = [mm.save(model, step=1, background=True), mm.save(state, step=2, background=True)]
+    model.layers[0].kernel.assign(np.ones((4, 3), np.float32))  # training goes on at once
+    state["w"][...] = -1.0
+    go.set()
+    assert all(h.wait_staged(timeout=60) > 0 for h in handles)
+    assert [h.wait(timeout=60).id.step for h in handles] == [1, 2]
+    mm.load(model, step=1)
+    assert_same_values(values(model_variables(model)), expected)
+    target = {"w": np.zeros((3, 4), np.float32)}
+    mm.load(target, step=2)
+    assert target["w"].tolist() == np.arange(12, dtype=np.float32).reshape(3, 4).tolist()
+
+
 # -- refusals --------------------------------------------------------------------------------------------
 
 def test_mismatched_model_is_refused_and_left_untouched(services):

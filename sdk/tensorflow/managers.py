@@ -53,7 +53,7 @@ class _Manager(ManagerBase):
         self._process_incarnation = self._launcher_incarnation or incarnation.fresh()
 
     def _save(self, values: Mapping[str, Any], step: int, keys: Mapping[str, Any], extra: Mapping[str, str],
-              overwrite: bool, strategy: Any) -> SaveHandle:
+              overwrite: bool, strategy: Any, background: bool) -> SaveHandle:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise InvalidArgumentError(f"step must be a non-negative int, got {step!r}")
         if "step" in keys:
@@ -65,11 +65,13 @@ class _Manager(ManagerBase):
         for name, value in values.items():
             if owners[name] == rank:
                 array = to_numpy(value)
+                if background and array is value:  # a caller's own numpy array: snapshot it too
+                    array = array.copy()
                 mine.append(SaveEntry(name, whole_layout(array), ArraySource(array)))
         ref = CheckpointRef(self.config.job, self.kind, step)
         run = self._process_incarnation if world_size == 1 else self._launcher_incarnation
         return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite,
-                                incarnation=run, **self._lifecycle_options())
+                                incarnation=run, background=background, **self._lifecycle_options())
 
     def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, np.ndarray]:
         wanted = set(names)
@@ -105,10 +107,13 @@ class ModelManager(_Manager):
     def _variables(model: Any) -> dict[str, Any]:
         return as_variables(model) if isinstance(model, Mapping) else model_variables(model)
 
-    def save(self, model: Any, step: int, overwrite: bool = False, **keys: Any) -> SaveHandle:
-        """Hand every variable to the agent; returns once the bytes are staged. ``.wait()`` for the commit."""
+    def save(self, model: Any, step: int, overwrite: bool = False, background: bool = False, **keys: Any) -> SaveHandle:
+        """Hand every variable to the agent; returns once the bytes are staged. ``.wait()`` for the commit.
+
+        ``background=True``: the variables are snapshotted here and handed off on a thread, so
+        training may go on at once (``wait_staged()`` says when the hand-off ended)."""
         strategy = None if isinstance(model, Mapping) else getattr(model, "distribute_strategy", None)
-        return self._save(self._variables(model), step, keys, {}, overwrite, strategy)
+        return self._save(self._variables(model), step, keys, {}, overwrite, strategy, background)
 
     def load(self, model: Any, step: int | None = None, **keys: Any) -> Checkpoint:
         """Assign the latest committed checkpoint, or the one with ``step``/``keys``, to every variable."""
@@ -161,15 +166,17 @@ class OptimizerManager(_Manager):
             raise InvalidArgumentError("OptimizerManager needs a layervault.OptimizerConfig")
         super().__init__(config, agent, shared_memory)
 
-    def save(self, optimizer: Any, step: int | None = None, overwrite: bool = False, **keys: Any) -> SaveHandle:
-        """Hand the optimizer's variables to the agent; ``step`` defaults to ``optimizer.iterations``."""
+    def save(self, optimizer: Any, step: int | None = None, overwrite: bool = False, background: bool = False,
+             **keys: Any) -> SaveHandle:
+        """Hand the optimizer's variables to the agent; ``step`` defaults to ``optimizer.iterations``
+        (``background`` as for :meth:`ModelManager.save`)."""
         if not optimizer.built:
             raise InvalidArgumentError(f"optimizer {optimizer.name!r} is not built yet (it never stepped): nothing to save")
         if step is None:
             step = int(optimizer.iterations.numpy())
         extra = {_CONFIG: _hyper_parameters(optimizer), _CLASS: type(optimizer).__name__}
         strategy = getattr(optimizer, "_distribution_strategy", None)
-        return self._save(optimizer_variables(optimizer), step, keys, extra, overwrite, strategy)
+        return self._save(optimizer_variables(optimizer), step, keys, extra, overwrite, strategy, background)
 
     def load(self, optimizer: Any, step: int | None = None, model: Any = None, **keys: Any) -> Checkpoint:
         """Restore the optimizer's variables from the latest checkpoint (or the one ``step``/``keys`` select).
