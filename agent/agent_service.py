@@ -5,6 +5,7 @@ See ``proto/agent.proto`` for the message flow of one Save stream.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -28,7 +29,7 @@ from layervault.agent.heartbeat import Heartbeat
 from layervault.agent.incremental import ReuseIndex, load_base
 from layervault.agent.journal import JournalFile, SaveJournal, StateDir
 from layervault.agent.metrics import AgentMetrics
-from layervault.agent.restore import FetchSlots, fetch_spans, select_spans
+from layervault.agent.restore import FetchSlots, fetch_spans, select_spans, span_chunks
 from layervault.agent.restore_cache import ChunkCache
 from layervault.agent.resume import AdoptedPool, resume_saves
 from layervault.agent.rpc import CHANNEL_OPTIONS, handler
@@ -36,7 +37,8 @@ from layervault.agent.save_session import SaveSession, validate_open
 from layervault.agent.security import ServerSecurity
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
-from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError, error_from_rpc
+from layervault.errors import (DeadlineError, InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError,
+                               error_from_rpc)
 from layervault.stream_frames import DataFrame, RestoreFrame
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc, manifest_pb2
 
@@ -382,11 +384,22 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             forwarded(context))
         spans = select_spans(manifest, list(req.names), list(req.ranges))
         use_shm = req.shared_memory
-        yield agent_pb2.RestoreReply(opened=agent_pb2.SaveOpened(
-            save_id=manifest.save_id, pool_path=str(self.pool.path) if use_shm else "",
-            pool_size=self.pool.size, chunk_size=self.chunk_size))
-        held: dict[int, int] = {}
+        held: dict[int, int] = {}  # pool extents the rank has not released yet
         held_lock = threading.Lock()
+
+        def free_held() -> None:
+            with held_lock:
+                leftovers = list(held.items())
+                held.clear()
+            for offset, length in leftovers:
+                self.pool.free(offset, length)
+
+        set_aside = self._set_aside([c.raw_size for _, _, c in span_chunks(manifest, spans)]) if use_shm and req.hold else None
+        if set_aside:
+            held.update(set_aside)
+        # Also when the rank goes away mid-stream: gRPC then stops pulling this generator,
+        # whose finally would only run once it is collected.
+        context.add_callback(free_held)
 
         def release_loop() -> None:
             try:
@@ -403,10 +416,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if releaser:
             releaser.start()
         try:
+            yield agent_pb2.RestoreReply(opened=agent_pb2.SaveOpened(
+                save_id=manifest.save_id, pool_path=str(self.pool.path) if use_shm else "",
+                pool_size=self.pool.size, chunk_size=self.chunk_size, held=set_aside is not None))
             for chunk in fetch_spans(self.store, manifest, spans, self.fetches, self.cache, slots=self.restore_slots):
                 n = len(chunk.data)
                 self.metrics.restore_bytes.inc(n)
-                if use_shm:
+                if set_aside is not None:  # the rank keeps every piece until the end: its extents are taken
+                    offset, _ = set_aside.popitem(last=False)
+                    with held_lock:  # once free_held() ran (the rank is gone) the extent may be another's
+                        if offset not in held:
+                            return
+                        self.pool.view[offset:offset + n] = chunk.data
+                    piece = agent_pb2.RestorePiece(shard=chunk.shard, shard_offset=chunk.shard_offset, pool_offset=offset, length=n)
+                    yield agent_pb2.RestoreReply(piece=piece)
+                elif use_shm:
                     offset, length = self.pool.allocate(n, min_bytes=n, timeout=self.staging_timeout)
                     self.pool.view[offset:offset + n] = chunk.data
                     with held_lock:
@@ -419,11 +443,24 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             if releaser:
                 releaser.join(timeout=self.staging_timeout)
         finally:
-            with held_lock:
-                leftovers = list(held.items())
-                held.clear()
-            for offset, length in leftovers:
+            free_held()
+
+    def _set_aside(self, sizes: list[int]) -> collections.OrderedDict[int, int] | None:
+        """Pool extents (offset -> length) for every chunk of a restore whose rank holds all its
+        pieces to the end, taken now or not at all: a rank holding part of them while the
+        agent waits for memory would never release it. At most half the pool, so saves go on."""
+        if sum(sizes) > self.pool.size // 2:
+            return None
+        taken: collections.OrderedDict[int, int] = collections.OrderedDict()
+        try:
+            for size in sizes:
+                offset, length = self.pool.allocate(max(size, 1), min_bytes=max(size, 1), timeout=0)
+                taken[offset] = length
+        except DeadlineError:  # the pool is busy: pieces come one by one, the rank copies them out
+            for offset, length in taken.items():
                 self.pool.free(offset, length)
+            return None
+        return taken
 
     # -- stats ------------------------------------------------------------------------------------
 

@@ -101,10 +101,8 @@ class FetchSlots:
         self._free.release()
 
 
-def fetch_spans(store: ObjectStore, manifest: Manifest, spans: list[ShardSpan], executor: Executor,
-                cache: ChunkCache | None = None, window: int = 16, slots: FetchSlots | None = None) -> Iterator[DecodedChunk]:
-    """Decoded chunks overlapping ``spans`` (each chunk once), at most ``window`` fetches in flight,
-    each holding one of ``slots`` until the caller asks for the next chunk."""
+def span_chunks(manifest: Manifest, spans: list[ShardSpan]) -> list[tuple[int, manifest_pb2.ShardRecord, manifest_pb2.ChunkRef]]:
+    """(shard index, shard, chunk) of every chunk overlapping ``spans``, each once, in delivery order."""
     work, seen = [], set()
     for span in spans:
         shard = manifest.shards[span.shard]
@@ -113,6 +111,14 @@ def fetch_spans(store: ObjectStore, manifest: Manifest, spans: list[ShardSpan], 
             if overlaps and (span.shard, chunk.key) not in seen:
                 seen.add((span.shard, chunk.key))
                 work.append((span.shard, shard, chunk))
+    return work
+
+
+def fetch_spans(store: ObjectStore, manifest: Manifest, spans: list[ShardSpan], executor: Executor,
+                cache: ChunkCache | None = None, window: int = 16, slots: FetchSlots | None = None) -> Iterator[DecodedChunk]:
+    """Decoded chunks overlapping ``spans`` (each chunk once, in :func:`span_chunks` order), at
+    most ``window`` fetches in flight, each holding one of ``slots`` until the caller asks for the next chunk."""
+    work = span_chunks(manifest, spans)
 
     def fetch(shard: manifest_pb2.ShardRecord, chunk: manifest_pb2.ChunkRef) -> bytes | memoryview:
         if cache is None:

@@ -290,11 +290,14 @@ class SaveOpened(_message.Message):
     POOL_PATH_FIELD_NUMBER: _builtins.int
     POOL_SIZE_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     save_id: _builtins.str
     pool_path: _builtins.str
     """empty when shared memory is not used"""
     pool_size: _builtins.int
     chunk_size: _builtins.int
+    held: _builtins.bool
+    """restore: pool extents of every piece are set aside until the stream ends"""
     def __init__(
         self,
         *,
@@ -302,10 +305,11 @@ class SaveOpened(_message.Message):
         pool_path: _builtins.str = ...,
         pool_size: _builtins.int = ...,
         chunk_size: _builtins.int = ...,
+        held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "pool_path", b"pool_path", "pool_size", b"pool_size", "save_id", b"save_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_size", b"chunk_size", "held", b"held", "pool_path", b"pool_path", "pool_size", b"pool_size", "save_id", b"save_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,7 +543,12 @@ class RestoreOpen(_message.Message):
     NAMES_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     RANGES_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
     shared_memory: _builtins.bool
+    hold: _builtins.bool
+    """The rank writes nothing until every chunk arrived verified, so it keeps the pieces:
+    with shared memory, the agent sets all of them aside in its pool at once if they fit.
+    """
     @_builtins.property
     def id(self) -> _common_pb2.CheckpointId: ...
     @_builtins.property
@@ -557,10 +566,11 @@ class RestoreOpen(_message.Message):
         names: _abc.Iterable[_builtins.str] | None = ...,
         shared_memory: _builtins.bool = ...,
         ranges: _abc.Iterable[Global___ShardRange] | None = ...,
+        hold: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "names", b"names", "ranges", b"ranges", "shared_memory", b"shared_memory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold", b"hold", "id", b"id", "names", b"names", "ranges", b"ranges", "shared_memory", b"shared_memory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -416,17 +416,21 @@ class AgentClient:
         return self._call("Stats", common_pb2.Empty())
 
     def restore(self, manifest: manifest_pb2.Manifest, names: Sequence[str], sinks: Mapping[int, ByteSink],
-                ranges: Sequence[tuple[int, int, int]] = ()) -> None:
+                ranges: Sequence[tuple[int, int, int]] = (), hold: bool = False) -> None:
         """Fetch the shards of ``names`` (or the byte ``ranges`` (shard, start, stop)) into ``sinks[shard index]``.
 
         With ranges, whole chunks overlapping them arrive; sinks must clip what they keep.
+        ``hold``: write nothing into the sinks until every chunk arrived verified, so a failed
+        restore leaves them untouched (they may be the model's own tensors). The pieces wait in
+        the agent's pool when it can set them all aside, else in this process's memory.
         """
         requests = _Requests()
         requests.send(agent_pb2.RestoreRequest(open=agent_pb2.RestoreOpen(
             id=common_pb2.CheckpointId(job=manifest.job, kind=manifest.kind, step=manifest.step),
-            names=list(names), shared_memory=self.shared_memory,
+            names=list(names), shared_memory=self.shared_memory, hold=hold,
             ranges=[agent_pb2.ShardRange(shard=s, start=a, stop=b) for s, a, b in ranges])))
         replies = requests.call = self._restore(iter(requests))
+        kept: list[tuple[ByteSink, int, bytes | memoryview]] = []
         try:
             opened = next(replies).opened
             if opened.save_id != manifest.save_id:
@@ -446,17 +450,28 @@ class AgentClient:
                 if sink is None:
                     raise InvalidArgumentError(f"agent sent shard #{piece.shard}, which was not asked for")
                 if isinstance(piece, RestoreFrame):
-                    sink.write(piece.shard_offset, piece.data)
+                    data: bytes | memoryview = piece.data
                 elif pool is not None:
-                    sink.write(piece.shard_offset, pool.view[piece.pool_offset:piece.pool_offset + piece.length])
-                    requests.send(agent_pb2.RestoreRequest(release=agent_pb2.Piece(pool_offset=piece.pool_offset, length=piece.length)))
+                    data = pool.view[piece.pool_offset:piece.pool_offset + piece.length]
                 else:
-                    sink.write(piece.shard_offset, memoryview(piece.data))
+                    data = memoryview(piece.data)
+                if not hold:
+                    sink.write(piece.shard_offset, data)
+                elif pool is not None and not opened.held:
+                    kept.append((sink, piece.shard_offset, bytes(data)))  # the agent wants its extent back
+                else:
+                    kept.append((sink, piece.shard_offset, data))
+                if pool is not None and not opened.held:
+                    requests.send(agent_pb2.RestoreRequest(release=agent_pb2.Piece(pool_offset=piece.pool_offset, length=piece.length)))
+            for sink, offset, data in kept:  # everything arrived verified: now the sinks change
+                sink.write(offset, data)
+            kept.clear()  # (views of the pool go before the agent frees it at the stream's end)
             requests.close()
         except grpc.RpcError as exc:
             requests.close()
             raise _translate(exc, self.address) from None
         except BaseException:
+            kept.clear()
             replies.cancel()  # first: a full send queue then no longer waits for the agent
             requests.close()
             raise

@@ -383,3 +383,83 @@ def test_background_save_snapshots_buffers_that_the_overlapped_forward_changes(s
     target = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
     mm.load(target)
     assert_same_state(target.state_dict(), expected)
+
+
+def held_by_agent(running, manifest, names) -> bool:
+    """Whether the agent sets aside pool memory for every piece of a held restore of ``names``."""
+    stub = agent_pb2_grpc.AgentStub(grpc.insecure_channel(running.agent_address))
+    open_msg = agent_pb2.RestoreOpen(id=common_pb2.CheckpointId(job=manifest.job, kind=manifest.kind, step=manifest.step),
+                                     names=names, shared_memory=True, hold=True)
+    call = stub.Restore(iter([agent_pb2.RestoreRequest(open=open_msg)]))
+    held = next(call).opened.held
+    call.cancel()  # the agent frees what it set aside when the stream ends
+    return held
+
+
+@pytest.mark.parametrize("mode", ["shm-held", "shm-copied", "grpc-stream"])
+def test_load_writes_into_the_model_only_after_every_chunk_arrived_verified(store_url, mode):
+    # shm-copied: the pool (1 MiB) cannot set aside the 1 MiB state, so pieces are copied out as they come.
+    running = start_in_process(store_url, staging_bytes=(1 << 20) if mode == "shm-copied" else (64 << 20),
+                               chunk_size=256 << 10)
+    try:
+        model = Net(width=256, depth=4)  # 4 x 256 KiB weights: several chunks arrive before the late, bad one
+        mm, _ = managers(running, shared_memory=mode != "grpc-stream", compressor="none")
+        mm.save(model, step=1).wait(60)
+        manifest = mm.client.resolve("run-42", "model", {"step": "1"})
+        key = next(s for s in manifest.shards if s.name == "encoder.3.weight").chunks[-1].key
+        body = bytearray(running.store.get(key))
+        body[7] ^= 0x01
+        running.store.put(key, bytes(body))
+        target = Net(width=256, depth=4)
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(lv.ChecksumError, match="encoder.3.weight"):
+            mm.load(target, step=1)
+        assert_same_state(target.state_dict(), before)
+
+        mm.save(model, step=2).wait(60)
+        if mode != "grpc-stream":
+            step2 = mm.client.resolve("run-42", "model", {"step": "2"})
+            assert held_by_agent(running, step2, list(model.state_dict())) == (mode == "shm-held")
+        weight = target.encoder[0].weight
+        mm.load(target, step=2)
+        assert_same_state(target.state_dict(), model.state_dict())
+        assert target.encoder[0].weight is weight  # loaded in place
+        deadline = time.monotonic() + 10  # the agent frees the set-aside extents as the stream ends
+        while running.agent.service.pool.in_use and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.agent.service.pool.in_use == 0
+    finally:
+        running.stop()
+
+
+def test_optimizer_rolls_back_in_place_and_a_corrupt_checkpoint_leaves_it_untouched(services):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train(model, opt, 2, seed=1)
+    mm, om = managers(services, compressor="none")
+    mm.save(model, step=2).wait(60)
+    om.save(opt, model=model).wait(60)
+    saved = copy.deepcopy(opt.state_dict())
+    expected = train(*copy.deepcopy((model, opt)), 3, seed=2)
+    train(model, opt, 2, seed=3)  # the run goes on, then rolls back to step 2 (e.g. after a loss spike)
+    moments = opt.state[model.head.weight]["exp_avg"]
+    mm.load(model, step=2)
+    om.load(opt, step=2, model=model)
+    for index, state in saved["state"].items():
+        assert_same_state(opt.state_dict()["state"][index], state)
+    assert opt.state[model.head.weight]["exp_avg"].data_ptr() == moments.data_ptr()  # restored in place
+    assert train(model, opt, 3, seed=2) == expected
+
+    om.save(opt, model=model, step=5).wait(60)
+    manifest = om.client.resolve("run-42", "optimizer", {"step": "5"})
+    key = next(s for s in manifest.shards if s.name.startswith("head.weight/exp_avg_sq")).chunks[-1].key
+    body = bytearray(services.store.get(key))
+    body[3] ^= 0x10
+    services.store.put(key, bytes(body))
+    train(model, opt, 1, seed=4)  # the state moves on from what step 5 holds
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(lv.ChecksumError, match="head.weight/exp_avg_sq"):
+        om.load(opt, step=5, model=model)
+    for index, state in before["state"].items():
+        assert_same_state(opt.state_dict()["state"][index], state)

@@ -13,6 +13,7 @@ incarnation, :mod:`layervault.torch.incarnation`).
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Any, Mapping
 
@@ -70,11 +71,22 @@ class _Manager(ManagerBase):
         return self.client.save(ref, rank, world_size, self._config_proto(), encode_keys(keys), extra, mine, overwrite,
                                 incarnation=self.incarnation, background=background, **self._lifecycle_options())
 
-    def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str]) -> dict[str, torch.Tensor]:
-        """Whole tensors for ``names``; sharded entries (saved through DCP) are reassembled."""
+    def _fetch(self, manifest: manifest_pb2.Manifest, names: list[str],
+               into: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Whole tensors for ``names``; sharded entries (saved through DCP) are reassembled.
+
+        ``into``: tensors to restore straight into where they fit (CPU, contiguous, same shape
+        and dtype); nothing is written into them unless every chunk arrived verified."""
         wanted = set(names)
-        sinks = {i: TensorSink(s.layout) for i, s in enumerate(manifest.shards) if s.name in wanted}
-        self.client.restore(manifest, names, sinks)
+        shards_of = collections.Counter(s.name for s in manifest.shards)
+        sinks, in_place = {}, False
+        for i, s in enumerate(manifest.shards):
+            if s.name in wanted:
+                target = into.get(s.name) if into is not None and shards_of[s.name] == 1 else None
+                fits = target is not None and TensorSink.fits(s.layout, target)  # (fits() checks the shape)
+                sinks[i] = TensorSink(s.layout, into=target if fits else None)
+                in_place = in_place or fits
+        self.client.restore(manifest, names, sinks, hold=in_place)
         out = {}
         for name, indices in group_shards(manifest, sinks).items():
             if is_whole(manifest, indices):
@@ -125,10 +137,11 @@ class ModelManager(_Manager):
         target = model.state_dict() if isinstance(model, torch.nn.Module) else model
         manifest = self._resolve(step, keys)
         check_compatible(manifest, {n: t for n, t in target.items()})
-        loaded = self._fetch(manifest, list(target))
+        loaded = self._fetch(manifest, list(target), into=target)
         with torch.no_grad():
             for name, tensor in target.items():
-                tensor.copy_(loaded[name])
+                if loaded[name].data_ptr() != tensor.data_ptr():  # restored elsewhere (GPU, sharded, ...): copy
+                    tensor.copy_(loaded[name])
         return summary(manifest)
 
 
@@ -241,7 +254,17 @@ class OptimizerManager(_Manager):
             raise IncompatibleStateError(f"{label}: parameter names differ: {', '.join(diff[:8])}; nothing was loaded")
         index_of = {n: (names.index(n) if by_name else i) for i, n in enumerate(saved_names)}
         tensor_names = [s.name for s in manifest.shards]
-        loaded = self._fetch(manifest, tensor_names)
+        # The optimizer's own state tensors (it stepped before, or is being rolled back) are
+        # restored in place: no fresh memory to fault in. A fresh optimizer has none yet.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        current = {}
+        for entry in tensor_names:
+            pname, _, key = entry.rpartition("/")
+            index = index_of.get(pname)
+            value = optimizer.state.get(params[index], {}).get(key) if index is not None and index < len(params) else None
+            if isinstance(value, torch.Tensor):
+                current[entry] = value
+        loaded = self._fetch(manifest, tensor_names, into=current)
         state: dict[int, dict[str, Any]] = {}
         for entry, tensor in loaded.items():
             pname, _, key = entry.rpartition("/")
