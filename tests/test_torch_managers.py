@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 
 import grpc
 import pytest
@@ -15,6 +14,7 @@ from layervault.client import AgentClient, CheckpointRef
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2
 from layervault.torch import ModelManager, OptimizerManager
 
+from polling import eventually
 from services import start_in_process
 
 
@@ -213,10 +213,8 @@ def test_staging_smaller_than_the_state_back_pressures(store_url):
         target = Net(width=512, depth=4)
         mm.load(target)
         assert_same_state(target.state_dict(), model.state_dict())
-        deadline = time.monotonic() + 10  # the last releases are processed after load() returns
-        while running.agent.service.pool.in_use and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert running.agent.service.pool.in_use == 0
+        # the last releases are processed after load() returns
+        eventually(lambda: running.agent.service.pool.in_use == 0, "the agent's pool drained")
     finally:
         running.stop()
 
@@ -424,10 +422,8 @@ def test_load_writes_into_the_model_only_after_every_chunk_arrived_verified(stor
         mm.load(target, step=2)
         assert_same_state(target.state_dict(), model.state_dict())
         assert target.encoder[0].weight is weight  # loaded in place
-        deadline = time.monotonic() + 10  # the agent frees the set-aside extents as the stream ends
-        while running.agent.service.pool.in_use and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert running.agent.service.pool.in_use == 0
+        # the agent frees the set-aside extents as the stream ends
+        eventually(lambda: running.agent.service.pool.in_use == 0, "the agent's pool drained")
     finally:
         running.stop()
 
