@@ -30,6 +30,8 @@ from layervault.errors import InvalidArgumentError, UnavailableError
 from layervault.ray.cli import passed_env
 from layervault.ray.naming import agent_socket_path
 
+from polling import eventually
+
 pytestmark = pytest.mark.slow
 
 TESTS_DIR = str(pathlib.Path(__file__).parent)
@@ -131,11 +133,8 @@ def _wait_for_new_incarnation(actor: ray.actor.ActorHandle, old_pid: int) -> lvr
 
 
 def _wait_node_dead(node_id: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"Ray still lists the removed node {node_id} as alive after {timeout:.0f} s")
-        time.sleep(0.5)
+    eventually(lambda: not any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()),
+               f"Ray lists the removed node {node_id} as dead", timeout)
 
 
 def test_four_ranks_save_restore_and_survive_an_agent_kill(cluster, s3_bucket, socket_dir, deployed):
