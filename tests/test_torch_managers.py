@@ -459,3 +459,15 @@ def test_optimizer_rolls_back_in_place_and_a_corrupt_checkpoint_leaves_it_untouc
         om.load(opt, step=5, model=model)
     for index, state in before["state"].items():
         assert_same_state(opt.state_dict()["state"][index], state)
+
+
+def test_background_save_raises_its_hand_off_errors_from_wait_staged_and_wait(services):
+    model = Net()
+    mm, _ = managers(services)
+    mm.save(model, step=1).wait(60)
+    handle = mm.save(model, step=1, background=True)  # returns before the agent answers
+    with pytest.raises(lv.AlreadyExistsError, match="run-42/model step 1 is already committed"):
+        handle.wait_staged(timeout=60)
+    assert handle.staged
+    with pytest.raises(lv.AlreadyExistsError):
+        handle.wait(timeout=60)
