@@ -422,23 +422,22 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             for chunk in fetch_spans(self.store, manifest, spans, self.fetches, self.cache, slots=self.restore_slots):
                 n = len(chunk.data)
                 self.metrics.restore_bytes.inc(n)
+                if not use_shm:  # written out by hand (layervault.stream_frames): one copy of the chunk
+                    yield RestoreFrame(chunk.shard, chunk.shard_offset, chunk.data)
+                    continue
                 if set_aside is not None:  # the rank keeps every piece until the end: its extents are taken
                     offset, _ = set_aside.popitem(last=False)
                     with held_lock:  # once free_held() ran (the rank is gone) the extent may be another's
                         if offset not in held:
                             return
                         self.pool.view[offset:offset + n] = chunk.data
-                    piece = agent_pb2.RestorePiece(shard=chunk.shard, shard_offset=chunk.shard_offset, pool_offset=offset, length=n)
-                    yield agent_pb2.RestoreReply(piece=piece)
-                elif use_shm:
+                else:
                     offset, length = self.pool.allocate(n, min_bytes=n, timeout=self.staging_timeout)
                     self.pool.view[offset:offset + n] = chunk.data
                     with held_lock:
                         held[offset] = length
-                    piece = agent_pb2.RestorePiece(shard=chunk.shard, shard_offset=chunk.shard_offset, pool_offset=offset, length=n)
-                    yield agent_pb2.RestoreReply(piece=piece)
-                else:  # written out by hand (layervault.stream_frames): one copy of the chunk
-                    yield RestoreFrame(chunk.shard, chunk.shard_offset, chunk.data)
+                yield agent_pb2.RestoreReply(piece=agent_pb2.RestorePiece(
+                    shard=chunk.shard, shard_offset=chunk.shard_offset, pool_offset=offset, length=n))
             yield agent_pb2.RestoreReply(done=True)
             if releaser:
                 releaser.join(timeout=self.staging_timeout)

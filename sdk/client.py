@@ -439,6 +439,7 @@ class AgentClient:
             if opened.pool_path and pool is None:
                 raise UnavailableError(f"cannot map the agent's shared memory {opened.pool_path} (agent on another host?); "
                                        "use shared_memory=False or LAYERVAULT_SHARED_MEMORY=0")
+            give_back = pool is not None and not opened.held  # each pool extent is released once read
             for reply in replies:
                 if isinstance(reply, RestoreFrame):  # bytes over gRPC, read by hand (layervault.stream_frames)
                     piece = reply
@@ -457,11 +458,11 @@ class AgentClient:
                     data = memoryview(piece.data)
                 if not hold:
                     sink.write(piece.shard_offset, data)
-                elif pool is not None and not opened.held:
+                elif give_back:
                     kept.append((sink, piece.shard_offset, bytes(data)))  # the agent wants its extent back
                 else:
                     kept.append((sink, piece.shard_offset, data))
-                if pool is not None and not opened.held:
+                if give_back:
                     requests.send(agent_pb2.RestoreRequest(release=agent_pb2.Piece(pool_offset=piece.pool_offset, length=piece.length)))
             for sink, offset, data in kept:  # everything arrived verified: now the sinks change
                 sink.write(offset, data)
