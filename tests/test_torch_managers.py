@@ -351,8 +351,9 @@ def test_background_save_whose_tensors_change_while_staging_never_commits(servic
         model.head.weight.add_(1.0)  # the optimizer step that came too early
     stalled.go()
     with pytest.raises(lv.StagedWhileChangingError, match=r"run-42/model step 2 was not saved: 1 tensor\(s\) changed "
-                                                         r"while being staged \(head.weight\)"):
+                                                         r"while being staged \(head.weight\)") as info:
         handle.wait_staged(timeout=60)
+    assert info.value.code == grpc.StatusCode.ABORTED
     with pytest.raises(lv.StagedWhileChangingError):
         handle.wait(timeout=60)
     with pytest.raises(lv.SaveFailedError):  # the agent aborted the attempt: nothing of step 2 commits
@@ -466,8 +467,9 @@ def test_background_save_raises_its_hand_off_errors_from_wait_staged_and_wait(se
     mm, _ = managers(services)
     mm.save(model, step=1).wait(60)
     handle = mm.save(model, step=1, background=True)  # returns before the agent answers
-    with pytest.raises(lv.AlreadyExistsError, match="run-42/model step 1 is already committed"):
+    with pytest.raises(lv.AlreadyExistsError, match="run-42/model step 1 is already committed") as info:
         handle.wait_staged(timeout=60)
+    assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert handle.staged
     with pytest.raises(lv.AlreadyExistsError):
         handle.wait(timeout=60)
