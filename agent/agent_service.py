@@ -24,6 +24,7 @@ from layervault.agent import attempt_cleanup
 from layervault.agent.agent_registry import rfc3339
 from layervault.agent.auth import Metadata, forwarded
 from layervault.agent.catalog import Catalog
+from layervault.agent.codecs import StoreRates
 from layervault.agent.handoff_gate import DEFAULT_MAX_WAIT, HandoffGate
 from layervault.agent.heartbeat import Heartbeat
 from layervault.agent.incremental import ReuseIndex, load_base
@@ -88,8 +89,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         security: ServerSecurity | None = None,
         state_dir: str | pathlib.Path | None = None,
         handoff_wait: float = DEFAULT_MAX_WAIT,
+        store_rates: StoreRates = StoreRates(),
     ) -> None:
         self.store = store
+        self.store_rates = store_rates  # weighed against codec time per layer (agent/codecs/select.py)
         self.security = security or ServerSecurity()
         self.access = self.security.access("agent")
         self.catalog = Catalog(store)
@@ -169,7 +172,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             self.reports.submit(self._session_done, session).add_done_callback(lambda _: on_closed(session))
 
         session = SaveSession(plan.open, plan.save_id, pool, self.store, self.uploads,  # type: ignore[arg-type]
-                              plan.chunk_size, done, metrics=self.metrics, journal=journal)
+                              plan.chunk_size, done, metrics=self.metrics, journal=journal, rates=self.store_rates)
         id_ = plan.open.id
         with self._lock:
             self._sessions[(id_.job, id_.kind, id_.step, plan.open.rank)] = session
@@ -248,7 +251,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             reuse = ReuseIndex(base, open_msg.config.compressor)
         session = SaveSession(open_msg, save_id, self.pool, self.store, self.uploads, self.chunk_size,
                               lambda done: self.reports.submit(self._session_done, done, auth), metrics=self.metrics,
-                              reuse=reuse, journal=self._journal(open_msg, save_id, auth), gate=self.handoffs)
+                              reuse=reuse, journal=self._journal(open_msg, save_id, auth), gate=self.handoffs,
+                              rates=self.store_rates)
         with self._lock:
             self._sessions[(id_.job, id_.kind, id_.step, open_msg.rank)] = session
         self.metrics.saves_started.inc()

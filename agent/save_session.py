@@ -21,7 +21,7 @@ from layervault.agent import keys
 from layervault.agent.checksum import crc32c
 from layervault.agent.handoff_gate import HandoffGate
 from layervault.stream_frames import DataFrame
-from layervault.agent.codecs import CodecChain, choose_chain
+from layervault.agent.codecs import CodecChain, StoreRates, choose_chain
 from layervault.agent.incremental import DIGEST_ALGORITHM, ReuseIndex, chunk_digest, shard_digest
 from layervault.agent.journal import DurableChunk, JournalFile, SaveJournal, StagedPiece, pending_pieces
 from layervault.agent.manifest import check_json_map
@@ -114,7 +114,9 @@ class SaveSession:
         journal: JournalFile | None = None,
         reuse: ReuseIndex | None = None,
         gate: HandoffGate | None = None,
+        rates: StoreRates = StoreRates(),
     ) -> None:
+        """``rates``: what a stored byte costs, weighed against codec time (see :mod:`.codecs.select`)."""
         self.open = open_msg
         self.id = open_msg.id
         self.rank = open_msg.rank
@@ -123,6 +125,7 @@ class SaveSession:
         self.store = store
         self.executor = executor
         self.chunk_size = chunk_size
+        self.rates = rates
         self.gate = gate  # uploads defer to ranks still handing off (agent/handoff_gate.py)
         self._on_done = on_done
         self.entries = [EntryState(spec) for spec in open_msg.entries]
@@ -323,7 +326,7 @@ class SaveSession:
                 if state.chain is None:
                     sample = self.pool.view[pool_offset:pool_offset + min(length, 1 << 18)]
                     state.chain = choose_chain(sample, self.open.config.compressor or "lz4",
-                                               itemsize_of(state.spec.layout.dtype))
+                                               itemsize_of(state.spec.layout.dtype), self.rates)
             for start in range(0, length, self.chunk_size):
                 if (state.index, entry_offset + start) in self._durable_offsets:
                     continue  # uploaded before the agent restarted

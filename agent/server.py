@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from layervault.agent.agent_service import AgentService
+from layervault.agent.codecs import StoreRates
 from layervault.agent.handoff_gate import DEFAULT_MAX_WAIT
 from layervault.agent.heap import keep_buffers_in_heap
 from layervault.agent.journal import default_state_dir
@@ -174,13 +175,15 @@ def start_agent(
     heartbeat_interval: float = 2.0,
     state_dir: str | None = None,
     handoff_wait: float = DEFAULT_MAX_WAIT,
+    store_rates: StoreRates = StoreRates(),
 ) -> RunningServer:
     """``security``: TLS for TCP (also the client certificate shown to the coordinator), job
     tokens, ``insecure``, the unix socket's group (see :mod:`layervault.agent.security`).
     ``state_dir``: where handed-off saves are journaled so that a restarted agent finishes them
     (default: beside the socket, see :mod:`layervault.agent.journal`; ``""``: no journals).
     ``handoff_wait``: seconds an upload defers one chunk to ranks handing off (see
-    :mod:`layervault.agent.handoff_gate`; 0: never)."""
+    :mod:`layervault.agent.handoff_gate`; 0: never). ``store_rates``: the storage's write and
+    read rates, against which each layer's codec is chosen (see :mod:`layervault.agent.codecs.select`)."""
     if state_dir is None and socket_path:
         state_dir = str(default_state_dir(socket_path))
     security.check_listen(host)
@@ -193,7 +196,7 @@ def start_agent(
     service = AgentService(store, coordinator, staging_bytes, chunk_size, upload_workers, staging_timeout,
                            cache_bytes=cache_bytes, security=security, metrics=AgentMetrics(metrics_registry),
                            heartbeat_interval=heartbeat_interval, state_dir=state_dir or None,
-                           handoff_wait=handoff_wait)
+                           handoff_wait=handoff_wait, store_rates=store_rates)
     security.share_pool(service.pool.path)
     add_servicer(service, server, agent_pb2.DESCRIPTOR.services_by_name["Agent"],
                  deserializers={"Save": decode_save_request}, serializers={"Restore": encode_restore_reply})

@@ -115,10 +115,23 @@ def _milliseconds(text: str) -> int:
     return value
 
 
+def _gbps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in GB/s > 0")
+    return value
+
+
 def _agent_kwargs(args: argparse.Namespace) -> dict:
+    from layervault.agent.codecs import StoreRates
+
     return dict(socket_path=args.socket, host=args.host, port=args.port, staging_bytes=args.staging_mib << 20,
                 chunk_size=args.chunk_mib << 20, upload_workers=args.upload_workers, cache_bytes=args.cache_mib << 20,
                 handoff_wait=args.handoff_wait_ms / 1000,
+                store_rates=StoreRates(args.store_write_gbps, args.store_read_gbps),
                 metrics_port=_metrics_port(args), security=_security(args), state_dir=args.state_dir)
 
 
@@ -428,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_coordinator)
 
     for name, help_, func in (("agent", "run a node agent", cmd_agent), ("up", "run coordinator + agent (one machine)", cmd_up)):
+        from layervault.agent.codecs import StoreRates
         from layervault.agent.server import default_socket_path
 
         p = service(name, help_)
@@ -446,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--handoff-wait-ms", type=_milliseconds, default=250,
                        help="longest an upload defers one chunk to ranks handing off (0: never defer)")
         p.add_argument("--cache-mib", type=int, default=256, help="node-local cache of restored chunks in MiB")
+        p.add_argument("--store-write-gbps", type=_gbps, default=StoreRates.write_gbps, metavar="GBPS",
+                       help="how fast the storage takes this agent's writes; with --store-read-gbps it decides per "
+                            "layer whether a codec saves more time than it costs (lower: compress more)")
+        p.add_argument("--store-read-gbps", type=_gbps, default=StoreRates.read_gbps, metavar="GBPS",
+                       help="how fast restores read from the storage")
         p.add_argument("--state-dir", help="journals of handed-off saves, finished by the agent after a restart "
                                            "(default: beside the socket, SOCKET without .sock + .state; '' for none)")
         p.set_defaults(func=func)

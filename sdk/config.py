@@ -38,7 +38,9 @@ class ModelConfig:
     """A model's checkpoints within a job.
 
     ``compressor``: ``"lz4"`` (default) lets the agent pick, per layer, between storing raw,
-    lz4 and byte-shuffle+lz4 from a sample - whichever shrinks the data; ``"none"`` stores raw.
+    lz4 and byte-shuffle+lz4 from a sample: whichever costs least, codec CPU time plus the
+    stored bytes at the agent's store rates (so dense fp32 usually stays raw); ``"none"``
+    stores raw.
     ``incremental``: chunks whose bytes are unchanged since the job's newest checkpoint
     (frozen layers) are referenced, not uploaded again. ``retention``: which checkpoints of
     the job the coordinator keeps after each commit (default: all, or its ``--retention``).

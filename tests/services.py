@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+from layervault.agent.codecs import StoreRates
 from layervault.agent.server import RunningServer, start_agent, start_coordinator
 from layervault.agent.storage import ObjectStore, open_store
 
@@ -32,11 +33,13 @@ class InProcessServices:
 
 
 def start_in_process(store_url: str, staging_bytes: int = 64 << 20, chunk_size: int = 1 << 20,
-                     commit_timeout: float = 60.0, staging_timeout: float = 60.0) -> InProcessServices:
+                     commit_timeout: float = 60.0, staging_timeout: float = 60.0,
+                     store_rates: StoreRates = StoreRates()) -> InProcessServices:
     socket_dir = tempfile.mkdtemp(prefix="lv-", dir="/tmp")
     coordinator = start_coordinator(open_store(store_url), commit_timeout=commit_timeout)
     agent = start_agent(open_store(store_url), coordinator.address, socket_path=f"{socket_dir}/agent.sock",
-                        staging_bytes=staging_bytes, chunk_size=chunk_size, staging_timeout=staging_timeout)
+                        staging_bytes=staging_bytes, chunk_size=chunk_size, staging_timeout=staging_timeout,
+                        store_rates=store_rates)
     return InProcessServices(agent.service.store, coordinator, agent)
 
 

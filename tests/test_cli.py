@@ -71,6 +71,10 @@ def test_cli_errors_are_messages_not_tracebacks(saved):
     for flag in ("-3", "soon"):
         wait = cli("agent", "--coordinator", services.coordinator.address, "--handoff-wait-ms", flag, check=False)
         assert wait.returncode == 2 and "--handoff-wait-ms" in wait.stderr and "milliseconds >= 0" in wait.stderr
+    for flag, value in (("--store-write-gbps", "0"), ("--store-read-gbps", "-1"), ("--store-write-gbps", "fast"),
+                        ("--store-read-gbps", "inf")):
+        rate = cli("up", flag, value, check=False)
+        assert rate.returncode == 2 and flag in rate.stderr and "GB/s > 0" in rate.stderr and "Traceback" not in rate.stderr
 
 
 def test_second_agent_on_the_same_socket_is_refused(saved, tmp_path):

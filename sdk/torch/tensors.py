@@ -36,6 +36,7 @@ class TensorSource:
             raise InvalidArgumentError(f"cannot save a {t.layout} tensor; convert it to dense first")
         self.tensor = t.contiguous()
         self._u8 = _bytes_view(self.tensor)
+        self._flat = self.tensor.reshape(-1)
         self.nbytes = self._u8.numel()
         self._version = _version(self.tensor)
 
@@ -45,7 +46,14 @@ class TensorSource:
         return self._version is not None and _version(self.tensor) != self._version
 
     def copy_to(self, offset: int, dst: memoryview) -> None:
-        torch.frombuffer(dst, dtype=torch.uint8).copy_(self._u8[offset:offset + len(dst)])
+        # In the tensor's own dtype where the piece allows: torch copies uint8 ~10% slower
+        # (1.1 GB into the pool: 0.069 s as bytes, 0.062 s as float32; memcpy floor 0.061 s).
+        size = self._flat.element_size()
+        if offset % size == 0 and len(dst) % size == 0 and len(dst):
+            first = offset // size
+            torch.frombuffer(dst, dtype=self._flat.dtype).copy_(self._flat[first:first + len(dst) // size])
+        else:
+            torch.frombuffer(dst, dtype=torch.uint8).copy_(self._u8[offset:offset + len(dst)])
 
     def read(self, offset: int, length: int) -> memoryview:
         return memoryview(self._u8[offset:offset + length].cpu().numpy())  # a view, unless on a GPU
