@@ -516,6 +516,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
 
 def _add_ray_commands(sub) -> None:
     """``layervault ray up|down|status``: the services as Ray actors (needs ``layervault[ray]``)."""
+    from layervault.agent.codecs import StoreRates
+
     ray = sub.add_parser("ray", help="run the agents and the coordinator as Ray actors on a Ray cluster")
     ray_sub = ray.add_subparsers(dest="ray_command", required=True)
     up = ray_sub.add_parser("up", help="start (or complete: new nodes get an agent) layervault on the Ray cluster")
@@ -523,12 +525,27 @@ def _add_ray_commands(sub) -> None:
     up.add_argument("--staging-mib", type=int, default=1024, help="each agent's staging budget (shared memory) in MiB")
     up.add_argument("--chunk-mib", type=int, default=4, help="chunk (object) size in MiB")
     up.add_argument("--upload-workers", type=int, default=8)
+    up.add_argument("--handoff-wait-ms", type=_milliseconds, default=250,
+                    help="longest an upload defers one chunk to ranks handing off (0: never defer)")
     up.add_argument("--cache-mib", type=int, default=256, help="each agent's cache of restored chunks in MiB")
+    up.add_argument("--store-write-gbps", type=_gbps, default=StoreRates.write_gbps, metavar="GBPS",
+                    help="how fast the storage takes each agent's writes (see `agent --help`)")
+    up.add_argument("--store-read-gbps", type=_gbps, default=StoreRates.read_gbps, metavar="GBPS",
+                    help="how fast restores read from the storage")
     up.add_argument("--commit-timeout", type=float, default=600.0, help="seconds a save may take to commit")
+    up.add_argument("--retention", type=lifecycle_cli.retention_arg, default=None,
+                    help="the coordinator's retention for jobs whose saves set none (see `coordinator --help`)")
     up.add_argument("--coordinator-host", default="0.0.0.0", help="coordinator's listening interface")
     up.add_argument("--coordinator-port", type=int, default=7070, help="coordinator's TCP port (0: any free port)")
     up.add_argument("--agent-host", default="127.0.0.1", help="agents' TCP interface (ranks use the unix socket)")
     up.add_argument("--socket-dir", help="directory of the agents' unix sockets (default /tmp/layervault-$UID/ray)")
+    up.add_argument("--agent-metrics-port", type=int, default=None, metavar="PORT",
+                    help="serve each agent's Prometheus metrics on this port, on --agent-host (default: off; "
+                         "0: any free port, see `ray status`; 9464 with one Ray node per machine)")
+    up.add_argument("--coordinator-metrics-port", type=int, default=None, metavar="PORT",
+                    help="serve the coordinator's metrics on this port, on --coordinator-host (default: off; 0: any)")
+    up.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("LAYERVAULT_LOG_FORMAT", "text"),
+                    help="the services' log lines (json: one object per line); also this command's")
     up.add_argument("--pass-env", action="append", default=[], metavar="NAME",
                     help="hand this variable (or glob, e.g. 'AWS_*') of this shell to the agents and coordinator")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every actor to serve")

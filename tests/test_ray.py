@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -37,6 +38,9 @@ pytestmark = pytest.mark.slow
 TESTS_DIR = str(pathlib.Path(__file__).parent)
 NODE_ARGS = dict(object_store_memory=100 << 20)  # the smallest store Ray accepts without complaint
 SERVICE_ARGS = dict(staging_mib=16, chunk_mib=1, cache_mib=16, coordinator_host="127.0.0.1", coordinator_port=0)
+# The knobs the plain daemons have besides, as `layervault ray up` takes them (metrics on any free port).
+KNOB_ARGS = dict(SERVICE_ARGS, agent_metrics_port=0, coordinator_metrics_port=0, handoff_wait_ms=100,
+                 store_write_gbps=0.5, store_read_gbps=2.0, retention="keep_every=100", log_format="json")
 
 
 def _start_head() -> Cluster:
@@ -139,13 +143,14 @@ def _wait_node_dead(node_id: str, timeout: float = 120) -> None:
 
 def test_four_ranks_save_restore_and_survive_an_agent_kill(cluster, s3_bucket, socket_dir, deployed):
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    state = lvray.up(f"s3://{s3_bucket}/ray", socket_dir=socket_dir, env=aws, **SERVICE_ARGS)
+    settings = dict(SERVICE_ARGS, retention="keep_last=2")   # the coordinator's default, for saves that set none
+    state = lvray.up(f"s3://{s3_bucket}/ray", socket_dir=socket_dir, env=aws, **settings)
     assert state.healthy
     agents = {a.node_id: a.info for a in state.agents}
     assert set(agents) == {n["NodeID"] for n in ray.nodes()}
     assert len({info.address for info in agents.values()}) == 3   # one socket per node, although one machine
 
-    again = lvray.up(f"s3://{s3_bucket}/ray", socket_dir=socket_dir, env=aws, **SERVICE_ARGS)  # idempotent
+    again = lvray.up(f"s3://{s3_bucket}/ray", socket_dir=socket_dir, env=aws, **settings)  # idempotent
     assert again.coordinator.address == state.coordinator.address
     assert {a.node_id: a.info.pid for a in again.agents} == {n: i.pid for n, i in agents.items()}
 
@@ -154,6 +159,23 @@ def test_four_ranks_save_restore_and_survive_an_agent_kill(cluster, s3_bucket, s
     for rank, (node_id, address) in enumerate(_all([r.where.remote() for r in ranks])):
         assert node_id == nodes[rank // 2]
         assert address == agents[node_id].address   # found by itself: no agent= and no LAYERVAULT_AGENT
+
+    def node_and_agent() -> tuple[str, str, str]:
+        """In a plain Ray task: (its node, the address a client naming none dials, ``agent_address()``)."""
+        import layervault.ray
+        from layervault.client import AgentClient
+
+        client = AgentClient()
+        try:
+            return ray.get_runtime_context().get_node_id(), client.address, layervault.ray.agent_address()
+        finally:
+            client.close()
+
+    # Plain tasks (not actors) find their node's agent too (the function travels by value: it is local).
+    task = ray.remote(node_and_agent)
+    found = ray.get([task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+                     .remote() for node_id in nodes], timeout=120)
+    assert found == [(node_id, agents[node_id].address, agents[node_id].address) for node_id in nodes]
 
     _all([r.train_and_save.remote(1) for r in ranks])
     saved = _all([r.train_and_save.remote(2) for r in ranks])
@@ -176,8 +198,10 @@ def test_four_ranks_save_restore_and_survive_an_agent_kill(cluster, s3_bucket, s
     saved = _all([r.train_and_save.remote(3) for r in ranks])  # ranks 2, 3 go through the new agent
     for got, want in zip(_all([r.load_fresh.remote(3) for r in ranks]), saved):
         _assert_identical(got, want)
-    assert sorted(ray.get(ranks[0].checkpoints.remote())) == [
-        ("model", 1, 4), ("model", 2, 4), ("model", 3, 4), ("optimizer", 1, 4), ("optimizer", 2, 4), ("optimizer", 3, 4)]
+    # keep_last=2, applied by the coordinator after each commit (in the background): step 1 goes.
+    kept = [("model", 2, 4), ("model", 3, 4), ("optimizer", 2, 4), ("optimizer", 3, 4)]
+    eventually(lambda: sorted(ray.get(ranks[0].checkpoints.remote(), timeout=60)) == kept,
+               f"only {kept} are listed", timeout=60)
     assert lvray.status().healthy
     _all([r.close.remote() for r in ranks])
 
@@ -187,9 +211,34 @@ def _cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+def _flags(settings: dict) -> list[str]:
+    """``up()`` keyword settings as the flags of ``layervault ray up``."""
+    return [text for name, value in settings.items() for text in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def _scrape(address: str) -> dict[str, float]:
+    """The unlabelled samples of a /metrics endpoint, by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels}
+
+
 def test_up_again_adds_agents_for_new_nodes_and_the_cli_reports_it(cluster, tmp_path, socket_dir, deployed):
     storage = (tmp_path / "store").as_uri()
-    lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)
+    started = _cli(cluster, "up", "--storage", storage, "--socket-dir", socket_dir, *_flags(KNOB_ARGS))
+    assert started.returncode == 0, started.stderr
+    state = lvray.status()
+    assert state.healthy and len(state.agents) == 3
+    assert state.coordinator.options == lvray.ServiceOptions(storage, socket_dir=socket_dir, **KNOB_ARGS)
+    assert state.coordinator.address in started.stdout and started.stdout.count("serving") == 3
+    for agent in state.agents:   # the printed status lists each agent with its metrics endpoint
+        assert f"{agent.info.address} " in started.stdout and f" {agent.info.metrics_address} " in started.stdout
+        assert _scrape(agent.info.metrics_address)["layervault_agent_staging_budget_bytes"] == 16 << 20
+    assert f"http://{state.coordinator.metrics_address}/metrics" in started.stdout
+    assert "layervault_coordinator_saves_pending" in _scrape(state.coordinator.metrics_address)
+
     late = cluster.add_node(num_cpus=1, **NODE_ARGS)
     try:
         cluster.wait_for_nodes()
@@ -199,7 +248,7 @@ def test_up_again_adds_agents_for_new_nodes_and_the_cli_reports_it(cluster, tmp_
         assert listed.returncode == 1, listed.stderr   # not healthy: a node has no agent
         assert json.loads(listed.stdout)["nodes_without_agent"] == [late.node_id]
 
-        state = lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)
+        state = lvray.up(storage, socket_dir=socket_dir, **KNOB_ARGS)   # the same settings as the CLI's up
         assert state.healthy and late.node_id in {a.node_id for a in state.agents}
         listed = _cli(cluster, "status")
         assert listed.returncode == 0, listed.stderr
@@ -209,9 +258,9 @@ def test_up_again_adds_agents_for_new_nodes_and_the_cli_reports_it(cluster, tmp_
 
     # Ray notices a removed node only after its health checks fail (seconds): an up() meanwhile
     # must not fail on the agent it cannot reach or re-create there.
-    lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)
+    lvray.up(storage, socket_dir=socket_dir, **KNOB_ARGS)
     _wait_node_dead(late.node_id)
-    state = lvray.up(storage, socket_dir=socket_dir, **SERVICE_ARGS)   # the agent of the removed node goes
+    state = lvray.up(storage, socket_dir=socket_dir, **KNOB_ARGS)   # the agent of the removed node goes
     assert late.node_id not in {a.node_id for a in state.agents} and len(state.agents) == 3
     assert state.healthy
 
@@ -231,6 +280,12 @@ def test_errors_name_what_is_wrong(cluster, tmp_path, socket_dir, deployed, monk
         lvray.up("ftp://x")
     with pytest.raises(InvalidArgumentError, match="staging-mib must be at least 1"):
         lvray.up("file:///tmp/x", staging_mib=0)
+    with pytest.raises(InvalidArgumentError, match="bad retention rule 'keep_last=two'"):
+        lvray.up("file:///tmp/x", retention="keep_last=two")
+    with pytest.raises(InvalidArgumentError, match="log-format must be one of text, json, got 'xml'"):
+        lvray.up("file:///tmp/x", log_format="xml")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['metrics_port'\]"):
+        lvray.up("file:///tmp/x", metrics_port=9464)
     with pytest.raises(ValueError, match="longer than the 107 bytes"):
         agent_socket_path("/tmp/" + "d" * 90, "ab" * 28)
     with pytest.raises(InvalidArgumentError, match="--pass-env NOPE_\\*: no such variable"):

@@ -30,6 +30,7 @@ class CoordinatorInfo:
     node_id: str
     pid: int
     options: ServiceOptions
+    metrics_address: str = ""   # host:port of its /metrics; "" when not served
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,7 @@ class AgentInfo:
     coordinator: str    # the coordinator address this agent reports to
     agent_id: str
     pid: int
+    metrics_address: str = ""   # host:port of its /metrics; "" when not served
 
 
 def _as_layervault_error(exc: Exception, what: str) -> LayervaultError:
@@ -61,9 +63,22 @@ def _open_checked_store(url: str):  # -> ObjectStore
     return store
 
 
-def _log_to_stderr() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _log_to_stderr(options: ServiceOptions) -> None:
+    """The actor's log lines, as ``--log-format`` would make them (a no-op where logging is set up)."""
+    from layervault.agent.logs import configure_logging
+
+    level = os.environ.get("LAYERVAULT_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):  # unknown: logging at INFO beats not starting
+        level = "INFO"
+    configure_logging(level, options.log_format)
+
+
+def _reachable(address: str) -> str:
+    """``host:port`` as other nodes dial it: a wildcard host becomes this node's IP address."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"
 
 
 def _coordinator_address(what: str) -> str:
@@ -109,7 +124,7 @@ class CoordinatorActor(_ServiceActor):
     role = "coordinator"
 
     def __init__(self, options: ServiceOptions) -> None:
-        _log_to_stderr()
+        _log_to_stderr(options)
         self._options = options
         node_id = ray.get_runtime_context().get_node_id()
         try:
@@ -117,16 +132,17 @@ class CoordinatorActor(_ServiceActor):
 
             security = options.security()  # bad TLS/token files fail before storage is touched
             self._server = start_coordinator(_open_checked_store(options.storage), options.coordinator_host,
-                                             options.coordinator_port, options.commit_timeout, security=security)
+                                             options.coordinator_port, options.commit_timeout, security=security,
+                                             metrics_port=options.coordinator_metrics_port,
+                                             retention=options.retention_policy())
         except Exception as exc:  # noqa: BLE001 - reported by info(), see the module docstring
             self._failure = _as_layervault_error(exc, f"layervault coordinator on Ray node {node_id} did not start")
             log.error("%s", self._failure)
             return
-        host = options.coordinator_host
-        if host in ("0.0.0.0", "::", ""):  # listening everywhere: agents dial this node's address
-            host = ray.util.get_node_ip_address()
-        self._info = CoordinatorInfo(f"{host}:{self._server.address.rsplit(':', 1)[1]}", node_id, os.getpid(), options)
-
+        # Listening everywhere: agents (and Prometheus) dial this node's address.
+        port = self._server.address.rsplit(":", 1)[1]
+        self._info = CoordinatorInfo(_reachable(f"{options.coordinator_host}:{port}"), node_id, os.getpid(), options,
+                                     _reachable(self._server.metrics_address) if self._server.metrics_address else "")
 
 
 class AgentActor(_ServiceActor):
@@ -135,7 +151,7 @@ class AgentActor(_ServiceActor):
     role = "agent"
 
     def __init__(self, node_id: str, options: ServiceOptions) -> None:
-        _log_to_stderr()
+        _log_to_stderr(options)
         what = f"layervault agent on Ray node {node_id} did not start"
         try:
             here = ray.get_runtime_context().get_node_id()
@@ -150,7 +166,8 @@ class AgentActor(_ServiceActor):
                 _open_checked_store(options.storage), coordinator_address, socket_path=socket_path,
                 host=options.agent_host, port=0, staging_bytes=options.staging_mib << 20,
                 chunk_size=options.chunk_mib << 20, upload_workers=options.upload_workers,
-                cache_bytes=options.cache_mib << 20, security=security)
+                cache_bytes=options.cache_mib << 20, handoff_wait=options.handoff_wait_ms / 1000,
+                store_rates=options.store_rates(), metrics_port=options.agent_metrics_port, security=security)
         except LayervaultError as exc:
             self._failure = exc
         except Exception as exc:  # noqa: BLE001 - reported by info(), see the module docstring
@@ -158,6 +175,7 @@ class AgentActor(_ServiceActor):
         if self._failure is not None:
             log.error("%s", self._failure)
             return
+        metrics = self._server.metrics_address
         self._info = AgentInfo(node_id, self._server.address, self._server.tcp_address, coordinator_address,
-                               self._server.service.agent_id, os.getpid())
+                               self._server.service.agent_id, os.getpid(), _reachable(metrics) if metrics else "")
 

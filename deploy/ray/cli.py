@@ -44,16 +44,44 @@ def _print_status(state: DeploymentStatus) -> None:
         return
     if state.coordinator is not None:
         c = state.coordinator
-        print(f"coordinator  {c.address}  node {c.node_id[:12]}  pid {c.pid}  storage {c.options.storage}")
+        metrics = f"  metrics http://{c.metrics_address}/metrics" if c.metrics_address else ""
+        print(f"coordinator  {c.address}  node {c.node_id[:12]}  pid {c.pid}  storage {c.options.storage}{metrics}")
     else:
         print(f"coordinator  NOT SERVING: {state.coordinator_problem or 'no coordinator actor'}")
-    print(f"{'NODE':<14} {'AGENT':<58} {'PID':>7}  STATE")
+    # The METRICS column only when agents serve metrics (ray up --agent-metrics-port).
+    width = max((len(a.info.metrics_address) for a in state.agents if a.info and a.info.metrics_address), default=0)
+
+    def column(text: str) -> str:
+        return f"{text:<{max(width, 7)}}  " if width else ""
+
+    print(f"{'NODE':<14} {'AGENT':<58} {'PID':>7}  {column('METRICS')}STATE")
     for a in state.agents:
         where = a.info.address if a.info else "-"
         pid = a.info.pid if a.info else "-"
-        print(f"{a.node_id[:12]:<14} {where:<58} {pid:>7}  {a.problem or 'serving'}")
+        metrics = (a.info.metrics_address if a.info else "") or "-"
+        print(f"{a.node_id[:12]:<14} {where:<58} {pid:>7}  {column(metrics)}{a.problem or 'serving'}")
     for node_id in state.nodes_without_agent:
-        print(f"{node_id[:12]:<14} {'-':<58} {'-':>7}  no agent: node joined after the last up; run `layervault ray up`")
+        print(f"{node_id[:12]:<14} {'-':<58} {'-':>7}  {column('-')}"
+              "no agent: node joined after the last up; run `layervault ray up`")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The :class:`ServiceOptions` fields from the flags of ``ray up`` (same names, ``-`` as ``_``)."""
+    return dict(
+        # agents
+        staging_mib=args.staging_mib, chunk_mib=args.chunk_mib, upload_workers=args.upload_workers,
+        cache_mib=args.cache_mib, handoff_wait_ms=args.handoff_wait_ms, store_write_gbps=args.store_write_gbps,
+        store_read_gbps=args.store_read_gbps, agent_host=args.agent_host, socket_dir=args.socket_dir,
+        # coordinator
+        commit_timeout=args.commit_timeout, retention=args.retention or "",
+        coordinator_host=args.coordinator_host, coordinator_port=args.coordinator_port,
+        # observability
+        agent_metrics_port=args.agent_metrics_port, coordinator_metrics_port=args.coordinator_metrics_port,
+        log_format=args.log_format,
+        # security
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, tls_server_name=args.tls_server_name,
+        insecure=args.insecure, tokens=args.tokens, socket_group=args.socket_group,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,13 +89,7 @@ def run(args: argparse.Namespace) -> int:
     _connect(args.address)
     try:
         if args.ray_command == "up":
-            state = up(args.storage, staging_mib=args.staging_mib, chunk_mib=args.chunk_mib,
-                       upload_workers=args.upload_workers, cache_mib=args.cache_mib, commit_timeout=args.commit_timeout,
-                       coordinator_host=args.coordinator_host, coordinator_port=args.coordinator_port,
-                       agent_host=args.agent_host, socket_dir=args.socket_dir, env=passed_env(args.pass_env),
-                       timeout=args.timeout, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-                       tls_server_name=args.tls_server_name, insecure=args.insecure, tokens=args.tokens,
-                       socket_group=args.socket_group)
+            state = up(args.storage, env=passed_env(args.pass_env), timeout=args.timeout, **_settings(args))
             _print_status(state)
             return 0
         if args.ray_command == "down":

@@ -30,7 +30,8 @@ from layervault.ray.naming import COORDINATOR_NAME, NAMESPACE, agent_actor_name,
 from layervault.ray.options import ServiceOptions
 
 _HEAD_RESOURCE = "node:__internal_head__"
-_SECURITY_FIELDS = {"tls_cert", "tls_key", "tls_ca", "tls_server_name", "insecure", "tokens", "socket_group"}
+# What up() takes as keyword settings: every ServiceOptions field but the two it sets itself.
+_SETTINGS = {f.name for f in dataclasses.fields(ServiceOptions)} - {"storage", "env_names"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,39 +176,33 @@ def _ensure_coordinator(options: ServiceOptions, env: Mapping[str, str], timeout
         raise
 
 
-def up(
-    storage: str,
-    *,
-    staging_mib: int = 1024,
-    chunk_mib: int = 4,
-    upload_workers: int = 8,
-    cache_mib: int = 256,
-    commit_timeout: float = 600.0,
-    coordinator_host: str = "0.0.0.0",
-    coordinator_port: int = 7070,
-    agent_host: str = "127.0.0.1",
-    socket_dir: str | None = None,
-    env: Mapping[str, str] | None = None,
-    timeout: float = 120.0,
-    **security: Any,
-) -> DeploymentStatus:
+def up(storage: str, *, env: Mapping[str, str] | None = None, timeout: float = 120.0,
+       **settings: Any) -> DeploymentStatus:
     """Start (or complete) layervault on the connected Ray cluster; returns once every agent serves.
 
     ``env``: environment variables for the service actors only (e.g. ``AWS_*`` for S3), on
     top of what the Ray nodes' own environment gives them; ranks never receive them.
-    ``coordinator_port`` 0 takes any free port; the coordinator then comes back on another
-    port after a crash, and agents follow it at the next ``up()``. ``security``: the
-    :class:`ServiceOptions` fields ``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_server_name``,
-    ``insecure``, ``tokens``, ``socket_group`` (plaintext off loopback needs ``insecure=True``).
+    ``timeout``: seconds to wait for every actor to serve.
+
+    ``settings``: the fields of :class:`ServiceOptions`, each the flag of ``layervault ray up``
+    with ``-`` as ``_`` (defaults as there):
+
+    - agents: ``staging_mib``, ``chunk_mib``, ``upload_workers``, ``cache_mib``,
+      ``handoff_wait_ms``, ``store_write_gbps``, ``store_read_gbps``, ``agent_host``, ``socket_dir``;
+    - coordinator: ``commit_timeout``, ``retention`` (policy text or a ``Retention``),
+      ``coordinator_host``, ``coordinator_port`` (0 takes any free port; the coordinator then comes
+      back on another port after a crash, and agents follow it at the next ``up()``);
+    - observability: ``agent_metrics_port``, ``coordinator_metrics_port`` (None: no metrics;
+      0: any free port, see ``status()``), ``log_format`` (``"text"`` or ``"json"``);
+    - security: ``tls_cert``, ``tls_key``, ``tls_ca``, ``tls_server_name``, ``insecure``,
+      ``tokens``, ``socket_group`` (plaintext off loopback needs ``insecure=True``).
     """
     _require_ray()
     env = dict(env or {})
-    unknown = set(security) - _SECURITY_FIELDS
+    unknown = set(settings) - _SETTINGS
     if unknown:
         raise TypeError(f"up() got unexpected keyword arguments {sorted(unknown)}")
-    options = ServiceOptions(storage, staging_mib, chunk_mib, upload_workers, cache_mib, commit_timeout,
-                             coordinator_host, coordinator_port, agent_host, socket_dir,
-                             env_names=tuple(sorted(env)), **security)
+    options = ServiceOptions(storage, env_names=tuple(sorted(env)), **settings)
     coordinator = _ensure_coordinator(options, env, timeout)
 
     nodes = _nodes()
