@@ -38,7 +38,7 @@ from layervault.agent.save_session import SaveSession, validate_open
 from layervault.agent.security import ServerSecurity
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
-from layervault.errors import (DeadlineError, InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError,
+from layervault.errors import (ChecksumError, DeadlineError, InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError,
                                error_from_rpc)
 from layervault.stream_frames import DataFrame, RestoreFrame
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc, manifest_pb2
@@ -272,7 +272,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                 self._note_failure(session, str(session.error))
                 self.coordinator.AbortSave(coordinator_pb2.AbortSaveRequest(
                     id=session.id, save_id=session.save_id, rank=session.rank, agent_id=self.agent_id,
-                    reason=str(session.error)), timeout=30, metadata=auth)
+                    reason=str(session.error), data_loss=isinstance(session.error, ChecksumError)),
+                    timeout=30, metadata=auth)
                 self._sweep_attempt(session)
         except grpc.RpcError as exc:
             log.error("%s: coordinator call failed: %s", session.label, exc, extra=self._log_fields(session))

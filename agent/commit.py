@@ -11,6 +11,14 @@ Pending attempts are kept in memory only; the catalog in storage is the truth, s
 restarted coordinator loses nothing committed. An attempt it forgot cannot commit: its
 waiters get an error that names the ranks that did not report.
 
+Two shutdowns end attempts early. An agent that stops gracefully has aborted every save it
+had not made durable, and its goodbye heartbeat (:meth:`CommitCoordinator.agent_stopped`)
+fails each attempt in which one of its ranks never reported - at once, not at the commit
+timeout - so the attempt's objects and open multipart uploads are removed while the job
+waits. A coordinator that stops (:meth:`CommitCoordinator.shut_down`) fails the attempts it
+has not begun to commit: it would forget them on restart, and no manifest may be written
+for them; their waiters get the reason at once instead of holding up the shutdown.
+
 A job that dies mid-save leaves its attempt pending until the commit timeout. Each rank's
 BeginSave names the job's *incarnation* (one id per run of the job, shared by its ranks), so
 the restarted job's first rank supersedes the dead run's attempt instead of joining it; a
@@ -26,6 +34,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Callable
 
 from layervault.agent import attempt_cleanup, keys
 from layervault.agent.catalog import Catalog
@@ -36,12 +45,14 @@ from layervault.agent.retention import Retention
 from layervault.agent.storage import ObjectNotFound, ObjectStore, StorageError
 from layervault.errors import (
     AlreadyExistsError,
+    ChecksumError,
     DeadlineError,
     IncompatibleStateError,
     InvalidArgumentError,
     LayervaultError,
     NotFoundError,
     SaveFailedError,
+    UnavailableError,
 )
 from layervault.proto import common_pb2, coordinator_pb2
 
@@ -60,6 +71,7 @@ class PendingSave:
     overwrite: bool
     started: float
     begun: dict[int, str] = dataclasses.field(default_factory=dict)     # rank -> agent id
+    peers: dict[int, str] = dataclasses.field(default_factory=dict)     # rank -> the agent's connection (gRPC peer)
     reports: dict[int, coordinator_pb2.ReportShardsRequest] = dataclasses.field(default_factory=dict)
     error: LayervaultError | None = None
     info: common_pb2.CheckpointInfo | None = None
@@ -111,17 +123,24 @@ class PendingSave:
             return f"superseded by a new save attempt (rank {req.rank} began again)"
         return ""
 
-    def missing(self) -> str:
+    def missing(self, describe: Callable[[str], str] = str) -> str:
+        """Which ranks did not report, which of them never began, and the agents of those that
+        did (``describe`` turns an agent id into what the message shows of it, e.g. its address)."""
         ranks = [r for r in range(self.world_size) if r not in self.reports]
         if not ranks and self.needs_seal and self.seal is None:
             return "every rank reported, but the coordinator rank never sealed the save (finish() did not run)"
-        agents = sorted({self.begun[r] for r in ranks if r in self.begun})
         text = f"ranks {ranks} did not report durable shards"
         never = [r for r in ranks if r not in self.begun]
         if never:
             text += f" (ranks {never} never started saving)"
-        if agents:
-            text += f"; their agents: {', '.join(agents)}"
+        began: dict[str, list[int]] = {}
+        for rank in ranks:
+            if rank in self.begun:
+                began.setdefault(self.begun[rank], []).append(rank)
+        if began:
+            text += "; began on " + "; ".join(
+                f"agent {describe(agent)} (rank{'s' if len(held) > 1 else ''} {', '.join(map(str, held))})"
+                for agent, held in sorted(began.items()))
         return text
 
 
@@ -133,28 +152,37 @@ class CommitCoordinator:
     """Tracks pending saves and commits them; all methods are thread-safe."""
 
     def __init__(self, store: ObjectStore, catalog: Catalog, commit_timeout: float = 600.0,
-                 metrics: CoordinatorMetrics | None = None, retention: Retention | None = None) -> None:
+                 metrics: CoordinatorMetrics | None = None, retention: Retention | None = None,
+                 describe_agent: Callable[[str], str] = str) -> None:
+        """``describe_agent``: an agent id as errors name it (the coordinator adds its addresses)."""
         self.metrics = metrics or CoordinatorMetrics()
         self.store = store
         self.catalog = catalog
         self.commit_timeout = commit_timeout
+        self.describe_agent = describe_agent
         self._pending: dict[CheckpointKey, PendingSave] = {}
         self._cond = threading.Condition()
+        self._sweeps: list[threading.Thread] = []
+        self._shut_down = False
         self.lifecycle = CoordinatorLifecycle(store, catalog, self.in_flight, retention)
 
     # -- protocol steps ------------------------------------------------------------------------
 
-    def begin(self, req: coordinator_pb2.BeginSaveRequest) -> coordinator_pb2.BeginSaveReply:
+    def begin(self, req: coordinator_pb2.BeginSaveRequest, peer: str = "") -> coordinator_pb2.BeginSaveReply:
+        """``peer``: the connection the agent's call came over (see :meth:`agent_stopped`)."""
         key = _key(req.id)
         if req.world_size < 1 or not 0 <= req.rank < req.world_size:
             raise InvalidArgumentError(f"rank {req.rank} is not within world size {req.world_size}")
         with self._cond:
+            if self._shut_down:
+                raise UnavailableError("the coordinator is shutting down; save again once it is back")
             self._expire_locked()
             pending = self._settled_locked(key)
             if pending and pending.open():
                 reason = pending.superseded_by(req)
                 if not reason:
                     pending.begun[req.rank] = req.agent_id
+                    pending.peers[req.rank] = peer
                     return pending.reply()
                 # The old attempt can never finish: its run is gone, or this rank left it.
                 self._fail_locked(pending, SaveFailedError(f"{pending.label}: {reason}"))
@@ -171,12 +199,14 @@ class CommitCoordinator:
                 reason = pending.superseded_by(req)
                 if not reason:
                     pending.begun[req.rank] = req.agent_id
+                    pending.peers[req.rank] = peer
                     return pending.reply()
                 self._fail_locked(pending, SaveFailedError(f"{pending.label}: {reason}"))
             pending = PendingSave(key, uuid.uuid4().hex[:12], req.world_size, req.overwrite, time.monotonic(),
                                   needs_seal=req.needs_seal, base=base, retention=retention,
                                   incarnation=req.incarnation)
             pending.begun[req.rank] = req.agent_id
+            pending.peers[req.rank] = peer
             self._pending[key] = pending
             self.metrics.saves_started.inc()
             log.info("save %s opened: attempt %s, world size %d, incarnation %s", pending.label, pending.save_id,
@@ -231,8 +261,58 @@ class CommitCoordinator:
             pending = self._pending.get(key)
             if pending is None or pending.save_id != req.save_id or pending.info is not None:
                 return
-            self._fail_locked(pending, SaveFailedError(
+            failed = ChecksumError if req.data_loss else SaveFailedError
+            self._fail_locked(pending, failed(
                 f"{pending.label}: rank {req.rank} on agent {req.agent_id or '?'} failed: {req.reason}"))
+
+    def agent_stopped(self, agent_id: str, peer: str) -> int:
+        """An agent said goodbye (its last heartbeat, after its shutdown drain): fail every open
+        attempt in which a rank that began on it has not reported; returns how many.
+
+        A drained agent has aborted each save it had not made durable, so those ranks never
+        report; without this their attempts would wait for the commit timeout. Heartbeats need
+        no job token, so the goodbye counts only for ranks whose BeginSave came over the same
+        connection (``peer``): no other process can speak for the agent. After a reconnect it
+        does not match, and the commit timeout decides, as before.
+        """
+        if not agent_id or not peer:
+            return 0
+        failed = 0
+        with self._cond:
+            for pending in list(self._pending.values()):
+                if not pending.open() or pending.committing:
+                    continue
+                ranks = [r for r, agent in sorted(pending.begun.items())
+                         if agent == agent_id and pending.peers.get(r) == peer and r not in pending.reports]
+                if ranks:
+                    self._fail_locked(pending, SaveFailedError(
+                        f"{pending.label}: agent {self.describe_agent(agent_id)} shut down before rank"
+                        f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} reported durable shards"))
+                    failed += 1
+        return failed
+
+    def shut_down(self) -> int:
+        """The coordinator is stopping: fail every attempt that is not writing its manifest
+        (a manifest write in progress may finish) and refuse new ones. Returns how many failed."""
+        failed = 0
+        with self._cond:
+            self._shut_down = True
+            for pending in list(self._pending.values()):
+                if pending.open() and not pending.committing:
+                    self._fail_locked(pending, SaveFailedError(
+                        f"{pending.label}: the coordinator shut down before the save could commit: "
+                        f"{pending.missing(self.describe_agent)}"))
+                    failed += 1
+        return failed
+
+    def join_sweeps(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the clean-ups of failed attempts; True if all ended."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            sweeps = list(self._sweeps)
+        for sweep in sweeps:
+            sweep.join(max(0.0, deadline - time.monotonic()))
+        return not any(sweep.is_alive() for sweep in sweeps)
 
     def wait(self, req: coordinator_pb2.WaitCommitRequest) -> common_pb2.CheckpointInfo:
         key = _key(req.id)
@@ -244,7 +324,7 @@ class CommitCoordinator:
             while pending is not None and pending.info is None and pending.error is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise DeadlineError(f"{pending.label}: not committed after {req.timeout_s:.0f}s: {pending.missing()}")
+                    raise DeadlineError(f"{pending.label}: not committed after {req.timeout_s:.0f}s: {pending.missing(self.describe_agent)}")
                 self._cond.wait(min(remaining, 1.0))
                 self._expire_locked()
             if pending is not None:
@@ -309,7 +389,10 @@ class CommitCoordinator:
             self.metrics.saves_failed.inc()
             log.warning("save %s failed: %s", pending.label, error, extra=pending.log_fields)
             self._cond.notify_all()
-            threading.Thread(target=self._delete_attempt_objects, args=(pending,), daemon=True).start()
+            sweep = threading.Thread(target=self._delete_attempt_objects, args=(pending,), daemon=True,
+                                     name="lv-attempt-sweep")
+            self._sweeps = [t for t in self._sweeps if t.is_alive()] + [sweep]
+            sweep.start()
 
     def _expire_locked(self) -> None:
         now = time.monotonic()
@@ -317,7 +400,7 @@ class CommitCoordinator:
             age = now - pending.started
             if pending.info is None and pending.error is None and age > self.commit_timeout:
                 self._fail_locked(pending, DeadlineError(
-                    f"{pending.label}: not committed within {self.commit_timeout:.0f}s: {pending.missing()}"))
+                    f"{pending.label}: not committed within {self.commit_timeout:.0f}s: {pending.missing(self.describe_agent)}"))
             elif age > 2 * self.commit_timeout:
                 del self._pending[key]  # long decided; storage answers for committed ones
 

@@ -54,12 +54,14 @@ def default_state_dir(socket_path: str) -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class StagedPiece:
-    """Bytes ``[entry_offset, entry_offset + length)`` of entry ``entry`` lie at ``pool_offset``."""
+    """Bytes ``[entry_offset, entry_offset + length)`` of entry ``entry`` lie at ``pool_offset``;
+    ``chunk_crc32c``: the rank's CRC32C of each chunk-size span, checked before each upload."""
 
     entry: int
     entry_offset: int
     pool_offset: int
     length: int
+    chunk_crc32c: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,7 @@ class SaveJournal:
         return json.dumps({
             "format": FORMAT, "save_id": self.save_id, "generation": self.generation,
             "pool": {"path": self.pool_path, "size": self.pool_size}, "chunk_size": self.chunk_size,
-            "pieces": [[p.entry, p.entry_offset, p.pool_offset, p.length] for p in self.pieces],
+            "pieces": [[p.entry, p.entry_offset, p.pool_offset, p.length, list(p.chunk_crc32c)] for p in self.pieces],
             "open": json_format.MessageToDict(self.open),
         }, separators=(",", ":")).encode()
 
@@ -118,7 +120,7 @@ class SaveJournal:
                 open=json_format.ParseDict(doc["open"], agent_pb2.SaveOpen()),
                 save_id=str(doc["save_id"]), pool_path=str(doc["pool"]["path"]), pool_size=int(doc["pool"]["size"]),
                 chunk_size=int(doc["chunk_size"]), generation=int(doc["generation"]),
-                pieces=[StagedPiece(*(int(v) for v in p)) for p in doc["pieces"]],
+                pieces=[_staged_piece(p) for p in doc["pieces"]],
             )
         except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
             raise JournalError(f"journal {where} is malformed: {type(exc).__name__}: {exc}") from None
@@ -134,7 +136,10 @@ class SaveJournal:
             if not (0 <= p.entry < len(entries) and p.length > 0 and 0 <= p.pool_offset
                     and p.pool_offset + p.length <= self.pool_size
                     and 0 <= p.entry_offset and p.entry_offset + p.length <= entries[p.entry].nbytes):
-                raise JournalError(f"journal {where}: piece {dataclasses.astuple(p)} lies outside its pool or entry")
+                raise JournalError(f"journal {where}: piece {dataclasses.astuple(p)[:4]} lies outside its pool or entry")
+            if p.chunk_crc32c and len(p.chunk_crc32c) != -(-p.length // self.chunk_size):
+                raise JournalError(f"journal {where}: piece {dataclasses.astuple(p)[:4]} has {len(p.chunk_crc32c)} "
+                                   "chunk checksums for its chunks")
         covered = [0] * len(entries)
         for p in sorted(self.pieces, key=lambda p: (p.entry, p.entry_offset)):
             if p.entry_offset != covered[p.entry]:
@@ -144,6 +149,12 @@ class SaveJournal:
         short = [e.name for e, n in zip(entries, covered) if n != e.nbytes]
         if short:
             raise JournalError(f"journal {where}: entries {short[:5]} are not completely staged")
+
+
+def _staged_piece(fields: list) -> StagedPiece:
+    entry, entry_offset, pool_offset, length, *crcs = fields
+    checksums = tuple(int(c) for c in crcs[0]) if crcs else ()
+    return StagedPiece(int(entry), int(entry_offset), int(pool_offset), int(length), checksums)
 
 
 def pending_pieces(journal: SaveJournal, durable: Iterable[DurableChunk]) -> list[StagedPiece]:

@@ -30,7 +30,7 @@ from layervault.agent.metrics import AgentMetrics
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
 from layervault.dtypes import itemsize_of
-from layervault.errors import InvalidArgumentError, LayervaultError, SaveFailedError
+from layervault.errors import ChecksumError, InvalidArgumentError, LayervaultError, SaveFailedError
 from layervault.proto import agent_pb2, manifest_pb2
 
 log = logging.getLogger("layervault.agent")
@@ -180,14 +180,16 @@ class SaveSession:
         """
         for piece in pieces:
             reservation = self._reservation_of(piece.pool_offset, piece.length)
-            self._queue_piece(piece.entry, piece.entry_offset, piece.pool_offset, piece.length, reservation)
+            self._queue_piece(piece.entry, piece.entry_offset, piece.pool_offset, piece.length, reservation,
+                              tuple(piece.chunk_crc32c))
         with self._cond:
             self._seal_all_locked()
 
     def stage_data(self, data: agent_pb2.DataPiece | DataFrame, timeout: float | None) -> None:
         """Bytes that came over gRPC: copy them into pool memory, then treat them as a piece."""
         length = len(data.data)
-        self._check_piece(data.entry, data.entry_offset, length)
+        crcs = tuple(data.chunk_crc32c)
+        self._check_piece(data.entry, data.entry_offset, length, crcs)
         if length == 0:
             return
         offset, got = self.pool.allocate(length, min_bytes=length, timeout=timeout)
@@ -195,7 +197,7 @@ class SaveSession:
         with self._cond:
             self._reservations.append(reservation)
         self.pool.view[offset:offset + length] = data.data
-        self._queue_piece(data.entry, data.entry_offset, offset, length, reservation)
+        self._queue_piece(data.entry, data.entry_offset, offset, length, reservation, crcs)
         self._seal(reservation)
 
     def finish(self) -> int:
@@ -269,7 +271,7 @@ class SaveSession:
                 self._reservations.append(reservation)
                 self._pending_chunks += 1
             self.executor.submit(self._plan_piece, self.entries[piece.entry], piece.entry_offset, piece.pool_offset,
-                                 piece.length, reservation)
+                                 piece.length, reservation, piece.chunk_crc32c)
         self.finish()
         return len(todo)
 
@@ -291,7 +293,7 @@ class SaveSession:
         raise InvalidArgumentError(f"{self.label}: piece [{offset}, {offset + length}) is outside every reservation "
                                    "of this save still open (a Stage closes the reservations granted before it)")
 
-    def _check_piece(self, entry: int, entry_offset: int, length: int) -> EntryState:
+    def _check_piece(self, entry: int, entry_offset: int, length: int, crcs: tuple[int, ...]) -> EntryState:
         if not 0 <= entry < len(self.entries):
             raise InvalidArgumentError(f"{self.label}: piece names entry #{entry}, but only {len(self.entries)} were opened")
         state = self.entries[entry]
@@ -300,24 +302,31 @@ class SaveSession:
                 f"{self.label}: piece [{entry_offset}, {entry_offset + length}) lies outside "
                 f"entry {state.spec.name!r} of {state.spec.nbytes} bytes"
             )
+        chunks = -(-length // self.chunk_size)
+        if len(crcs) != chunks:
+            raise InvalidArgumentError(
+                f"{self.label}: piece [{entry_offset}, {entry_offset + length}) of entry {state.spec.name!r} carries "
+                f"{len(crcs)} chunk checksums, expected {chunks} (the CRC32C of each {self.chunk_size}-byte span)")
         return state
 
-    def _queue_piece(self, entry: int, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
+    def _queue_piece(self, entry: int, entry_offset: int, pool_offset: int, length: int, reservation: Reservation,
+                     crcs: tuple[int, ...]) -> None:
         """Account for a piece now; cut and upload it on the executor, off the rank's critical path."""
-        state = self._check_piece(entry, entry_offset, length)
+        state = self._check_piece(entry, entry_offset, length, crcs)
         with self._cond:
             if self.error is not None:
                 raise self.error
             state.ranges.append((entry_offset, length))
             state.staged += length
-            self._pieces.append(StagedPiece(entry, entry_offset, pool_offset, length))
+            self._pieces.append(StagedPiece(entry, entry_offset, pool_offset, length, crcs))
             reservation.pending += 1
             self._pending_chunks += 1
         if self.metrics is not None:
             self.metrics.received_bytes.inc(length)
-        self.executor.submit(self._plan_piece, state, entry_offset, pool_offset, length, reservation)
+        self.executor.submit(self._plan_piece, state, entry_offset, pool_offset, length, reservation, crcs)
 
-    def _plan_piece(self, state: EntryState, entry_offset: int, pool_offset: int, length: int, reservation: Reservation) -> None:
+    def _plan_piece(self, state: EntryState, entry_offset: int, pool_offset: int, length: int, reservation: Reservation,
+                    crcs: tuple[int, ...]) -> None:
         try:
             self._defer_to_handoffs()  # choosing the codec samples the bytes: upload work, not hand-off work
             with state.lock:  # one codec chain per shard, chosen from its first piece
@@ -339,25 +348,31 @@ class SaveSession:
                     index = self._chunk_counter
                     self._chunk_counter += 1
                 try:
+                    expected = crcs[start // self.chunk_size] if crcs else None  # None: journaled by an older agent
                     self.executor.submit(self._upload_chunk, state, state.chain, entry_offset + start,
-                                         pool_offset + start, n, index, reservation)
+                                         pool_offset + start, n, index, reservation, expected)
                 except BaseException:
                     self._chunk_done(reservation)  # the chunk counted above will never run
                     raise
         except Exception as exc:  # noqa: BLE001 - nobody reads this future: an error must fail the save, not vanish
             log.exception("%s: planning the chunks of layer %r failed", self.label, state.spec.name)
-            with self._cond:
-                if self.error is None:
-                    self.error = SaveFailedError(f"{self.label}: layer {state.spec.name!r} could not be chunked: {exc}")
+            self._fail(SaveFailedError(f"{self.label}: layer {state.spec.name!r} could not be chunked: {exc}"))
         finally:
             self._chunk_done(reservation)
 
     def _upload_chunk(self, state: EntryState, chain: list[str], entry_offset: int, pool_offset: int,
-                      length: int, index: int, reservation: Reservation) -> None:
+                      length: int, index: int, reservation: Reservation, expected_crc: int | None) -> None:
         try:
             self._defer_to_handoffs()
             if self.error is None:
                 raw = self.pool.view[pool_offset:pool_offset + length]
+                checksum = crc32c(raw)
+                if expected_crc is not None and checksum != expected_crc:
+                    self._fail(ChecksumError(
+                        f"{self.label}: bytes [{entry_offset}, {entry_offset + length}) of layer {state.spec.name!r} "
+                        f"changed after rank {self.rank} staged them (crc32c {checksum:#010x}, the rank computed "
+                        f"{expected_crc:#010x}); nothing of this save is uploaded past this point, it does not commit"))
+                    return
                 digest = chunk_digest(raw) if self.reuse is not None else b""
                 same = self.reuse.chunk(state.base, entry_offset, length, digest) if state.base is not None else None
                 if same is not None:  # unchanged since the base: reference its object
@@ -368,7 +383,6 @@ class SaveSession:
                         state.stored += same.stored_size
                         state.reused += length
                     return
-                checksum = crc32c(raw)
                 body = CodecChain(chain).encode(raw) if chain else raw
                 key = keys.chunk_key(self.id.job, self.id.kind, self.id.step, state.spec.name, self.save_id, self.rank, index)
                 started = time.perf_counter()
@@ -385,11 +399,17 @@ class SaveSession:
                     journal.record(DurableChunk(state.index, tuple(chain), ref))
         except Exception as exc:  # noqa: BLE001 - any failure fails the save, with its cause
             self.log.exception("%s: upload of layer %r failed", self.label, state.spec.name)
-            with self._cond:
-                if self.error is None:
-                    self.error = SaveFailedError(f"{self.label}: upload of layer {state.spec.name!r} failed: {exc}")
+            self._fail(SaveFailedError(f"{self.label}: upload of layer {state.spec.name!r} failed: {exc}"))
         finally:
             self._chunk_done(reservation)
+
+    def _fail(self, error: LayervaultError) -> None:
+        """The save cannot commit; the first error is the one reported."""
+        with self._cond:
+            if self.error is None:
+                self.error = error
+        if isinstance(error, ChecksumError):
+            self.log.error("%s", error)
 
     def _defer_to_handoffs(self) -> None:
         """Upload work waits while ranks hand off (agent/handoff_gate.py), and the wait is counted."""

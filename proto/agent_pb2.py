@@ -26,7 +26,7 @@ from layervault.proto import common_pb2 as common__pb2
 from layervault.proto import manifest_pb2 as manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\rlayervault.v1\x1a\x0c\x63ommon.proto\x1a\x0emanifest.proto\"V\n\tEntrySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.layervault.v1.TensorLayout\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"\x81\x04\n\x08SaveOpen\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12%\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x15.layervault.v1.Config\x12/\n\x04keys\x18\x05 \x03(\x0b\x32!.layervault.v1.SaveOpen.KeysEntry\x12\x31\n\x05\x65xtra\x18\x06 \x03(\x0b\x32\".layervault.v1.SaveOpen.ExtraEntry\x12)\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x18.layervault.v1.EntrySpec\x12\x11\n\toverwrite\x18\x08 \x01(\x08\x12\x15\n\rshared_memory\x18\t \x01(\x08\x12\x12\n\nneeds_seal\x18\n \x01(\x08\x12\x13\n\x0bincremental\x18\x0b \x01(\x08\x12\x31\n\tretention\x18\x0c \x01(\x0b\x32\x1e.layervault.v1.RetentionPolicy\x12\x13\n\x0bincarnation\x18\r \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x05Piece\x12\r\n\x05\x65ntry\x18\x01 \x01(\x05\x12\x14\n\x0c\x65ntry_offset\x18\x02 \x01(\x03\x12\x13\n\x0bpool_offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\"\xba\x01\n\x0bSaveRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.layervault.v1.SaveOpenH\x00\x12\x11\n\x07reserve\x18\x02 \x01(\x03H\x00\x12+\n\x05stage\x18\x03 \x01(\x0b\x32\x1a.layervault.v1.StagePiecesH\x00\x12(\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x18.layervault.v1.DataPieceH\x00\x12\x10\n\x06\x66inish\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"3\n\x0bStagePieces\x12$\n\x06pieces\x18\x01 \x03(\x0b\x32\x14.layervault.v1.Piece\">\n\tDataPiece\x12\r\n\x05\x65ntry\x18\x01 \x01(\x05\x12\x14\n\x0c\x65ntry_offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"e\n\nSaveOpened\x12\x0f\n\x07save_id\x18\x01 \x01(\t\x12\x11\n\tpool_path\x18\x02 \x01(\t\x12\x11\n\tpool_size\x18\x03 \x01(\x03\x12\x12\n\nchunk_size\x18\x04 \x01(\x03\x12\x0c\n\x04held\x18\x05 \x01(\x08\"-\n\x0bReservation\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\"$\n\x0cSaveFinished\x12\x14\n\x0cstaged_bytes\x18\x01 \x01(\x03\"\xa1\x01\n\tSaveReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.layervault.v1.SaveOpenedH\x00\x12.\n\x08reserved\x18\x02 \x01(\x0b\x32\x1a.layervault.v1.ReservationH\x00\x12/\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1b.layervault.v1.SaveFinishedH\x00\x42\x06\n\x04kind\"[\n\x0fWaitSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x8f\x02\n\x0bSealRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x32\n\x04keys\x18\x03 \x03(\x0b\x32$.layervault.v1.SealRequest.KeysEntry\x12\x34\n\x05\x65xtra\x18\x04 \x03(\x0b\x32%.layervault.v1.SealRequest.ExtraEntry\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\rWaitSaveReply\x12+\n\x04info\x18\x01 \x01(\x0b\x32\x1d.layervault.v1.CheckpointInfo\"8\n\nShardRange\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0c\n\x04stop\x18\x03 \x01(\x03\"\x95\x01\n\x0bRestoreOpen\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\r\n\x05names\x18\x02 \x03(\t\x12\x15\n\rshared_memory\x18\x03 \x01(\x08\x12)\n\x06ranges\x18\x04 \x03(\x0b\x32\x19.layervault.v1.ShardRange\x12\x0c\n\x04hold\x18\x05 \x01(\x08\"m\n\x0eRestoreRequest\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.layervault.v1.RestoreOpenH\x00\x12\'\n\x07release\x18\x02 \x01(\x0b\x32\x14.layervault.v1.PieceH\x00\x42\x06\n\x04kind\"f\n\x0cRestorePiece\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x14\n\x0cshard_offset\x18\x02 \x01(\x03\x12\x13\n\x0bpool_offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x81\x01\n\x0cRestoreReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.layervault.v1.SaveOpenedH\x00\x12,\n\x05piece\x18\x02 \x01(\x0b\x32\x1b.layervault.v1.RestorePieceH\x00\x12\x0e\n\x04\x64one\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\xe4\x01\n\nAgentStats\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tpool_size\x18\x02 \x01(\x03\x12\x13\n\x0bpool_in_use\x18\x03 \x01(\x03\x12\x12\n\nstore_puts\x18\x04 \x01(\x03\x12\x17\n\x0fstore_put_bytes\x18\x05 \x01(\x03\x12\x12\n\nstore_gets\x18\x06 \x01(\x03\x12\x17\n\x0fstore_get_bytes\x18\x07 \x01(\x03\x12\x17\n\x0fsaves_in_flight\x18\x08 \x01(\x03\x12\x16\n\x0epeak_rss_bytes\x18\t \x01(\x03\x12\x11\n\tpool_path\x18\n \x01(\t2\xd3\x03\n\x05\x41gent\x12@\n\x04Save\x12\x1a.layervault.v1.SaveRequest\x1a\x18.layervault.v1.SaveReply(\x01\x30\x01\x12H\n\x08WaitSave\x12\x1e.layervault.v1.WaitSaveRequest\x1a\x1c.layervault.v1.WaitSaveReply\x12\x38\n\x04Seal\x12\x1a.layervault.v1.SealRequest\x1a\x14.layervault.v1.Empty\x12\x41\n\x07Resolve\x12\x1d.layervault.v1.ResolveRequest\x1a\x17.layervault.v1.Manifest\x12I\n\x07Restore\x12\x1d.layervault.v1.RestoreRequest\x1a\x1b.layervault.v1.RestoreReply(\x01\x30\x01\x12<\n\x04List\x12\x1a.layervault.v1.ListRequest\x1a\x18.layervault.v1.ListReply\x12\x38\n\x05Stats\x12\x14.layervault.v1.Empty\x1a\x19.layervault.v1.AgentStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61gent.proto\x12\rlayervault.v1\x1a\x0c\x63ommon.proto\x1a\x0emanifest.proto\"V\n\tEntrySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x06layout\x18\x02 \x01(\x0b\x32\x1b.layervault.v1.TensorLayout\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"\x81\x04\n\x08SaveOpen\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12%\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x15.layervault.v1.Config\x12/\n\x04keys\x18\x05 \x03(\x0b\x32!.layervault.v1.SaveOpen.KeysEntry\x12\x31\n\x05\x65xtra\x18\x06 \x03(\x0b\x32\".layervault.v1.SaveOpen.ExtraEntry\x12)\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x18.layervault.v1.EntrySpec\x12\x11\n\toverwrite\x18\x08 \x01(\x08\x12\x15\n\rshared_memory\x18\t \x01(\x08\x12\x12\n\nneeds_seal\x18\n \x01(\x08\x12\x13\n\x0bincremental\x18\x0b \x01(\x08\x12\x31\n\tretention\x18\x0c \x01(\x0b\x32\x1e.layervault.v1.RetentionPolicy\x12\x13\n\x0bincarnation\x18\r \x01(\t\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x05Piece\x12\r\n\x05\x65ntry\x18\x01 \x01(\x05\x12\x14\n\x0c\x65ntry_offset\x18\x02 \x01(\x03\x12\x13\n\x0bpool_offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\x14\n\x0c\x63hunk_crc32c\x18\x05 \x03(\x07\"\xba\x01\n\x0bSaveRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.layervault.v1.SaveOpenH\x00\x12\x11\n\x07reserve\x18\x02 \x01(\x03H\x00\x12+\n\x05stage\x18\x03 \x01(\x0b\x32\x1a.layervault.v1.StagePiecesH\x00\x12(\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x18.layervault.v1.DataPieceH\x00\x12\x10\n\x06\x66inish\x18\x05 \x01(\x08H\x00\x42\x06\n\x04kind\"3\n\x0bStagePieces\x12$\n\x06pieces\x18\x01 \x03(\x0b\x32\x14.layervault.v1.Piece\"T\n\tDataPiece\x12\r\n\x05\x65ntry\x18\x01 \x01(\x05\x12\x14\n\x0c\x65ntry_offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63hunk_crc32c\x18\x04 \x03(\x07\"e\n\nSaveOpened\x12\x0f\n\x07save_id\x18\x01 \x01(\t\x12\x11\n\tpool_path\x18\x02 \x01(\t\x12\x11\n\tpool_size\x18\x03 \x01(\x03\x12\x12\n\nchunk_size\x18\x04 \x01(\x03\x12\x0c\n\x04held\x18\x05 \x01(\x08\"-\n\x0bReservation\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0e\n\x06length\x18\x02 \x01(\x03\"$\n\x0cSaveFinished\x12\x14\n\x0cstaged_bytes\x18\x01 \x01(\x03\"\xa1\x01\n\tSaveReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.layervault.v1.SaveOpenedH\x00\x12.\n\x08reserved\x18\x02 \x01(\x0b\x32\x1a.layervault.v1.ReservationH\x00\x12/\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1b.layervault.v1.SaveFinishedH\x00\x42\x06\n\x04kind\"[\n\x0fWaitSaveRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\"\x8f\x02\n\x0bSealRequest\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x32\n\x04keys\x18\x03 \x03(\x0b\x32$.layervault.v1.SealRequest.KeysEntry\x12\x34\n\x05\x65xtra\x18\x04 \x03(\x0b\x32%.layervault.v1.SealRequest.ExtraEntry\x1a+\n\tKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"<\n\rWaitSaveReply\x12+\n\x04info\x18\x01 \x01(\x0b\x32\x1d.layervault.v1.CheckpointInfo\"8\n\nShardRange\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0c\n\x04stop\x18\x03 \x01(\x03\"\x95\x01\n\x0bRestoreOpen\x12\'\n\x02id\x18\x01 \x01(\x0b\x32\x1b.layervault.v1.CheckpointId\x12\r\n\x05names\x18\x02 \x03(\t\x12\x15\n\rshared_memory\x18\x03 \x01(\x08\x12)\n\x06ranges\x18\x04 \x03(\x0b\x32\x19.layervault.v1.ShardRange\x12\x0c\n\x04hold\x18\x05 \x01(\x08\"m\n\x0eRestoreRequest\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.layervault.v1.RestoreOpenH\x00\x12\'\n\x07release\x18\x02 \x01(\x0b\x32\x14.layervault.v1.PieceH\x00\x42\x06\n\x04kind\"f\n\x0cRestorePiece\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x14\n\x0cshard_offset\x18\x02 \x01(\x03\x12\x13\n\x0bpool_offset\x18\x03 \x01(\x03\x12\x0e\n\x06length\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\x81\x01\n\x0cRestoreReply\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.layervault.v1.SaveOpenedH\x00\x12,\n\x05piece\x18\x02 \x01(\x0b\x32\x1b.layervault.v1.RestorePieceH\x00\x12\x0e\n\x04\x64one\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\xe4\x01\n\nAgentStats\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x11\n\tpool_size\x18\x02 \x01(\x03\x12\x13\n\x0bpool_in_use\x18\x03 \x01(\x03\x12\x12\n\nstore_puts\x18\x04 \x01(\x03\x12\x17\n\x0fstore_put_bytes\x18\x05 \x01(\x03\x12\x12\n\nstore_gets\x18\x06 \x01(\x03\x12\x17\n\x0fstore_get_bytes\x18\x07 \x01(\x03\x12\x17\n\x0fsaves_in_flight\x18\x08 \x01(\x03\x12\x16\n\x0epeak_rss_bytes\x18\t \x01(\x03\x12\x11\n\tpool_path\x18\n \x01(\t2\xd3\x03\n\x05\x41gent\x12@\n\x04Save\x12\x1a.layervault.v1.SaveRequest\x1a\x18.layervault.v1.SaveReply(\x01\x30\x01\x12H\n\x08WaitSave\x12\x1e.layervault.v1.WaitSaveRequest\x1a\x1c.layervault.v1.WaitSaveReply\x12\x38\n\x04Seal\x12\x1a.layervault.v1.SealRequest\x1a\x14.layervault.v1.Empty\x12\x41\n\x07Resolve\x12\x1d.layervault.v1.ResolveRequest\x1a\x17.layervault.v1.Manifest\x12I\n\x07Restore\x12\x1d.layervault.v1.RestoreRequest\x1a\x1b.layervault.v1.RestoreReply(\x01\x30\x01\x12<\n\x04List\x12\x1a.layervault.v1.ListRequest\x1a\x18.layervault.v1.ListReply\x12\x38\n\x05Stats\x12\x14.layervault.v1.Empty\x1a\x19.layervault.v1.AgentStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,43 +50,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAVEOPEN_EXTRAENTRY']._serialized_start=618
   _globals['_SAVEOPEN_EXTRAENTRY']._serialized_end=662
   _globals['_PIECE']._serialized_start=664
-  _globals['_PIECE']._serialized_end=745
-  _globals['_SAVEREQUEST']._serialized_start=748
-  _globals['_SAVEREQUEST']._serialized_end=934
-  _globals['_STAGEPIECES']._serialized_start=936
-  _globals['_STAGEPIECES']._serialized_end=987
-  _globals['_DATAPIECE']._serialized_start=989
-  _globals['_DATAPIECE']._serialized_end=1051
-  _globals['_SAVEOPENED']._serialized_start=1053
-  _globals['_SAVEOPENED']._serialized_end=1154
-  _globals['_RESERVATION']._serialized_start=1156
-  _globals['_RESERVATION']._serialized_end=1201
-  _globals['_SAVEFINISHED']._serialized_start=1203
-  _globals['_SAVEFINISHED']._serialized_end=1239
-  _globals['_SAVEREPLY']._serialized_start=1242
-  _globals['_SAVEREPLY']._serialized_end=1403
-  _globals['_WAITSAVEREQUEST']._serialized_start=1405
-  _globals['_WAITSAVEREQUEST']._serialized_end=1496
-  _globals['_SEALREQUEST']._serialized_start=1499
-  _globals['_SEALREQUEST']._serialized_end=1770
+  _globals['_PIECE']._serialized_end=767
+  _globals['_SAVEREQUEST']._serialized_start=770
+  _globals['_SAVEREQUEST']._serialized_end=956
+  _globals['_STAGEPIECES']._serialized_start=958
+  _globals['_STAGEPIECES']._serialized_end=1009
+  _globals['_DATAPIECE']._serialized_start=1011
+  _globals['_DATAPIECE']._serialized_end=1095
+  _globals['_SAVEOPENED']._serialized_start=1097
+  _globals['_SAVEOPENED']._serialized_end=1198
+  _globals['_RESERVATION']._serialized_start=1200
+  _globals['_RESERVATION']._serialized_end=1245
+  _globals['_SAVEFINISHED']._serialized_start=1247
+  _globals['_SAVEFINISHED']._serialized_end=1283
+  _globals['_SAVEREPLY']._serialized_start=1286
+  _globals['_SAVEREPLY']._serialized_end=1447
+  _globals['_WAITSAVEREQUEST']._serialized_start=1449
+  _globals['_WAITSAVEREQUEST']._serialized_end=1540
+  _globals['_SEALREQUEST']._serialized_start=1543
+  _globals['_SEALREQUEST']._serialized_end=1814
   _globals['_SEALREQUEST_KEYSENTRY']._serialized_start=573
   _globals['_SEALREQUEST_KEYSENTRY']._serialized_end=616
   _globals['_SEALREQUEST_EXTRAENTRY']._serialized_start=618
   _globals['_SEALREQUEST_EXTRAENTRY']._serialized_end=662
-  _globals['_WAITSAVEREPLY']._serialized_start=1772
-  _globals['_WAITSAVEREPLY']._serialized_end=1832
-  _globals['_SHARDRANGE']._serialized_start=1834
-  _globals['_SHARDRANGE']._serialized_end=1890
-  _globals['_RESTOREOPEN']._serialized_start=1893
-  _globals['_RESTOREOPEN']._serialized_end=2042
-  _globals['_RESTOREREQUEST']._serialized_start=2044
-  _globals['_RESTOREREQUEST']._serialized_end=2153
-  _globals['_RESTOREPIECE']._serialized_start=2155
-  _globals['_RESTOREPIECE']._serialized_end=2257
-  _globals['_RESTOREREPLY']._serialized_start=2260
-  _globals['_RESTOREREPLY']._serialized_end=2389
-  _globals['_AGENTSTATS']._serialized_start=2392
-  _globals['_AGENTSTATS']._serialized_end=2620
-  _globals['_AGENT']._serialized_start=2623
-  _globals['_AGENT']._serialized_end=3090
+  _globals['_WAITSAVEREPLY']._serialized_start=1816
+  _globals['_WAITSAVEREPLY']._serialized_end=1876
+  _globals['_SHARDRANGE']._serialized_start=1878
+  _globals['_SHARDRANGE']._serialized_end=1934
+  _globals['_RESTOREOPEN']._serialized_start=1937
+  _globals['_RESTOREOPEN']._serialized_end=2086
+  _globals['_RESTOREREQUEST']._serialized_start=2088
+  _globals['_RESTOREREQUEST']._serialized_end=2197
+  _globals['_RESTOREPIECE']._serialized_start=2199
+  _globals['_RESTOREPIECE']._serialized_end=2301
+  _globals['_RESTOREREPLY']._serialized_start=2304
+  _globals['_RESTOREREPLY']._serialized_end=2433
+  _globals['_AGENTSTATS']._serialized_start=2436
+  _globals['_AGENTSTATS']._serialized_end=2664
+  _globals['_AGENT']._serialized_start=2667
+  _globals['_AGENT']._serialized_end=3134
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ Save is one bidirectional stream per (rank, checkpoint):
   rank -> Open                      agent -> Opened (pool path, chunk size) or an error status
   rank -> Reserve(n)                agent -> Reserved(offset, length)   [shared memory only;
                                     blocks while the staging budget is full]
-  rank copies bytes into the pool, then -> Stage(pieces); a Stage closes every
+  rank copies bytes into the pool, then -> Stage(pieces, with their CRC32Cs); a Stage closes every
                                     reservation granted before it (memory returns to the
                                     pool as its chunks become durable)
   or, without shared memory: rank -> Data(entry, offset, bytes) ...
@@ -180,10 +180,18 @@ class Piece(_message.Message):
     ENTRY_OFFSET_FIELD_NUMBER: _builtins.int
     POOL_OFFSET_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    CHUNK_CRC32C_FIELD_NUMBER: _builtins.int
     entry: _builtins.int
     entry_offset: _builtins.int
     pool_offset: _builtins.int
     length: _builtins.int
+    @_builtins.property
+    def chunk_crc32c(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Save: the rank's CRC32C of each chunk_size span of the piece's bytes (the last may be
+        shorter), computed over the staged bytes before the hand-off. The agent checks each one
+        before that chunk is uploaded: bytes changed in the pool or on the way never commit.
+        """
+
     def __init__(
         self,
         *,
@@ -191,10 +199,11 @@ class Piece(_message.Message):
         entry_offset: _builtins.int = ...,
         pool_offset: _builtins.int = ...,
         length: _builtins.int = ...,
+        chunk_crc32c: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "entry_offset", b"entry_offset", "length", b"length", "pool_offset", b"pool_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_crc32c", b"chunk_crc32c", "entry", b"entry", "entry_offset", b"entry_offset", "length", b"length", "pool_offset", b"pool_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -264,19 +273,25 @@ class DataPiece(_message.Message):
     ENTRY_FIELD_NUMBER: _builtins.int
     ENTRY_OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    CHUNK_CRC32C_FIELD_NUMBER: _builtins.int
     entry: _builtins.int
     entry_offset: _builtins.int
     data: _builtins.bytes
+    @_builtins.property
+    def chunk_crc32c(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """as in Piece: one per chunk_size span of data"""
+
     def __init__(
         self,
         *,
         entry: _builtins.int = ...,
         entry_offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
+        chunk_crc32c: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "entry", b"entry", "entry_offset", b"entry_offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_crc32c", b"chunk_crc32c", "data", b"data", "entry", b"entry", "entry_offset", b"entry_offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -317,10 +317,13 @@ class AbortSaveRequest(_message.Message):
     RANK_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DATA_LOSS_FIELD_NUMBER: _builtins.int
     save_id: _builtins.str
     rank: _builtins.int
     agent_id: _builtins.str
     reason: _builtins.str
+    data_loss: _builtins.bool
+    """the rank's staged bytes failed their checksum: every waiter gets DATA_LOSS, not ABORTED"""
     @_builtins.property
     def id(self) -> _common_pb2.CheckpointId: ...
     def __init__(
@@ -331,10 +334,11 @@ class AbortSaveRequest(_message.Message):
         rank: _builtins.int = ...,
         agent_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        data_loss: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "id", b"id", "rank", b"rank", "reason", b"reason", "save_id", b"save_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "data_loss", b"data_loss", "id", b"id", "rank", b"rank", "reason", b"reason", "save_id", b"save_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Protocol, Sequence
 
 import grpc
 
+from layervault.agent.checksum import crc32c
 from layervault.errors import (DeadlineError, InvalidArgumentError, LayervaultError, StagedWhileChangingError,
                                UnavailableError, error_from_rpc)
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2
@@ -180,6 +181,17 @@ def agent_client(agent: str | AgentClient | None, shared_memory: bool | None = N
     client = agent if isinstance(agent, AgentClient) else AgentClient(agent, shared_memory=shared_memory)
     client.prepare()
     return client
+
+
+def _copy_and_checksum(source: ByteSource, offset: int, dst: memoryview, chunk_size: int) -> list[int]:
+    """Copy ``source[offset:]`` into ``dst`` one chunk at a time, each checksummed while it is
+    still in the cache: the CRC32Cs the agent checks before it uploads (see agent.proto Piece)."""
+    crcs = []
+    for start in range(0, len(dst), chunk_size):
+        span = dst[start:start + chunk_size]
+        source.copy_to(offset + start, span)
+        crcs.append(crc32c(span))
+    return crcs
 
 
 def _packed(length: int) -> int:
@@ -360,8 +372,9 @@ class AgentClient:
                     length = take
                 if length == 0:
                     break
-                entries[index].source.copy_to(offset, pool.view[cursor:cursor + length])
-                pieces.append(agent_pb2.Piece(entry=index, entry_offset=offset, pool_offset=cursor, length=length))
+                crcs = _copy_and_checksum(entries[index].source, offset, pool.view[cursor:cursor + length], chunk_size)
+                pieces.append(agent_pb2.Piece(entry=index, entry_offset=offset, pool_offset=cursor, length=length,
+                                              chunk_crc32c=crcs))
                 cursor += _packed(length)
             requests.send(agent_pb2.SaveRequest(stage=agent_pb2.StagePieces(pieces=pieces)))
 
@@ -370,7 +383,8 @@ class AgentClient:
         for index, entry in enumerate(entries):
             for offset in range(0, entry.source.nbytes, piece):
                 # Encoded by hand on the way out (layervault.stream_frames): one copy of the bytes.
-                requests.send(DataFrame(index, offset, entry.source.read(offset, min(piece, entry.source.nbytes - offset))))
+                data = entry.source.read(offset, min(piece, entry.source.nbytes - offset))
+                requests.send(DataFrame(index, offset, data, (crc32c(data),)))
 
     def seal(self, ref: CheckpointRef, world_size: int, keys: Mapping[str, str], extra: Mapping[str, str]) -> None:
         """Complete a ``needs_seal`` save with metadata known only after every rank wrote."""

@@ -19,7 +19,8 @@ read ordinary messages.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import struct
+from typing import Callable, Sequence
 
 from google.protobuf.message import Message
 
@@ -35,11 +36,13 @@ def _tag(field: int, wire_type: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DataFrame:
-    """One ``SaveRequest{data: DataPiece}``; ``data`` may be any contiguous buffer."""
+    """One ``SaveRequest{data: DataPiece}``; ``data`` may be any contiguous buffer;
+    ``chunk_crc32c``: the CRC32C of each chunk-size span of ``data`` (see agent.proto)."""
 
     entry: int
     entry_offset: int
     data: bytes | memoryview
+    chunk_crc32c: Sequence[int] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +57,16 @@ class RestoreFrame:
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     """Where a frame sits in its message: the oneof field of the outer message, the inner
-    message's integer fields (number, bits) in field order, and its bytes field."""
+    message's integer fields (number, bits) in field order, its bytes field, and the packed
+    fixed32 field after it (0: none)."""
 
     outer: int
     ints: tuple[tuple[int, int], ...]
     data: int
+    fixed32s: int = 0
 
 
-_SAVE = _Layout(outer=4, ints=((1, 32), (2, 64)), data=3)                      # entry, entry_offset; data
+_SAVE = _Layout(outer=4, ints=((1, 32), (2, 64)), data=3, fixed32s=4)          # entry, entry_offset; data; chunk_crc32c
 _RESTORE = _Layout(outer=2, ints=((1, 32), (2, 64), (3, 64), (4, 64)), data=5)  # shard, shard_offset, pool_offset, length; data
 
 
@@ -78,20 +83,24 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _encode(layout: _Layout, ints: tuple[int, ...], data: bytes | memoryview) -> bytes:
+def _encode(layout: _Layout, ints: tuple[int, ...], data: bytes | memoryview, fixed32s: Sequence[int] = ()) -> bytes:
     payload = memoryview(data).cast("B")
     fields = b"".join(bytes([_tag(number, _VARINT)]) + _varint(value)
                       for (number, _), value in zip(layout.ints, ints) if value)  # proto3 leaves zeros out
     if len(payload):
         fields += bytes([_tag(layout.data, _BYTES)]) + _varint(len(payload))
-    header = bytes([_tag(layout.outer, _BYTES)]) + _varint(len(fields) + len(payload)) + fields
-    return b"".join((header, payload))
+    trailer = b""
+    if fixed32s:  # fields go in number order: the packed field follows the bytes
+        packed = struct.pack(f"<{len(fixed32s)}I", *fixed32s)
+        trailer = bytes([_tag(layout.fixed32s, _BYTES)]) + _varint(len(packed)) + packed
+    header = bytes([_tag(layout.outer, _BYTES)]) + _varint(len(fields) + len(payload) + len(trailer)) + fields
+    return b"".join((header, payload, trailer))
 
 
 def encode_save_request(message: DataFrame | agent_pb2.SaveRequest) -> bytes:
     """The Save stream's request serializer."""
     if isinstance(message, DataFrame):
-        return _encode(_SAVE, (message.entry, message.entry_offset), message.data)
+        return _encode(_SAVE, (message.entry, message.entry_offset), message.data, message.chunk_crc32c)
     return message.SerializeToString()
 
 
@@ -125,7 +134,7 @@ def _signed(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-def _decode(layout: _Layout, data: bytes) -> tuple[list[int], memoryview]:
+def _decode(layout: _Layout, data: bytes) -> tuple[list[int], memoryview, tuple[int, ...]]:
     if not data or data[0] != _tag(layout.outer, _BYTES):
         raise _NotAFrame
     length, pos = _read_varint(data, 1, len(data))
@@ -135,6 +144,7 @@ def _decode(layout: _Layout, data: bytes) -> tuple[list[int], memoryview]:
     ints = [0] * len(layout.ints)
     by_tag = {_tag(number, _VARINT): (i, bits) for i, (number, bits) in enumerate(layout.ints)}
     payload = memoryview(b"")
+    fixed32s: tuple[int, ...] = ()
     while pos < end:
         tag, pos = _read_varint(data, pos, end)
         if tag in by_tag:
@@ -147,9 +157,15 @@ def _decode(layout: _Layout, data: bytes) -> tuple[list[int], memoryview]:
                 raise _NotAFrame
             payload = memoryview(data)[pos:pos + size]
             pos += size
+        elif layout.fixed32s and tag == _tag(layout.fixed32s, _BYTES) and not fixed32s:
+            size, pos = _read_varint(data, pos, end)
+            if pos + size > end or size % 4:
+                raise _NotAFrame
+            fixed32s = struct.unpack_from(f"<{size // 4}I", data, pos)
+            pos += size
         else:
             raise _NotAFrame
-    return ints, payload
+    return ints, payload, fixed32s
 
 
 def _decoder(read_frame: Callable[[bytes], object], message: type[Message]) -> Callable[[bytes], object]:
@@ -162,12 +178,12 @@ def _decoder(read_frame: Callable[[bytes], object], message: type[Message]) -> C
 
 
 def _save_frame(data: bytes) -> DataFrame:
-    (entry, offset), payload = _decode(_SAVE, data)
-    return DataFrame(entry, offset, payload)
+    (entry, offset), payload, crcs = _decode(_SAVE, data)
+    return DataFrame(entry, offset, payload, crcs)
 
 
 def _restore_frame(data: bytes) -> RestoreFrame:
-    (shard, offset, pool_offset, length), payload = _decode(_RESTORE, data)
+    (shard, offset, pool_offset, length), payload, _ = _decode(_RESTORE, data)
     if pool_offset or length != len(payload):  # a shared-memory piece, or an odd one: protobuf's
         raise _NotAFrame
     return RestoreFrame(shard, offset, payload)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import layervault as lv
+from layervault.agent.checksum import crc32c
 from layervault.client import AgentClient
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, manifest_pb2
 from layervault.torch import ModelManager
@@ -38,7 +39,8 @@ def open_msg(entries, job="safe", step=2, rank=0, world_size=1, shared_memory=Fa
 
 
 def data(entry_index, offset, payload):
-    return agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=entry_index, entry_offset=offset, data=payload))
+    return agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=entry_index, entry_offset=offset, data=payload,
+                                                          chunk_crc32c=[crc32c(payload)] if payload else []))
 
 
 FINISH = agent_pb2.SaveRequest(finish=True)

@@ -275,7 +275,8 @@ def test_a_chunk_log_cut_short_by_the_agents_death_loses_only_its_last_line(tmp_
     pool = tmp_path / f"{POOL_PREFIX}{DEAD_PID}-cccccccc"
     journal = state.journal(pool, _open_message("j", 2 * MiB), "abc")
     journal.start_log()
-    plan = SaveJournal(_open_message("j", 2 * MiB), "abc", str(pool), 4 * MiB, MiB, [StagedPiece(0, 0, 0, 2 * MiB)])
+    plan = SaveJournal(_open_message("j", 2 * MiB), "abc", str(pool), 4 * MiB, MiB,
+                       [StagedPiece(0, 0, 0, 2 * MiB, (0xDEADBEEF, 7))])  # the rank's chunk CRCs are kept too
     assert journal.write(plan)
     from layervault.agent.journal import DurableChunk, pending_pieces
 

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import layervault as lv
 from layervault.agent import keys
+from layervault.agent.checksum import crc32c
 from layervault.agent.staging import map_pool
 from layervault.client import AgentClient
 from layervault.dtypes import ITEMSIZE
@@ -38,6 +39,7 @@ from s3server import remove_bucket
 from services import InProcessServices, start_in_process
 
 OK = grpc.StatusCode.OK
+CHUNK = 4096  # the harness agent's chunk size
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SAFE_JOB, FUZZ_JOB, SAFE_STEP = "safe", "fuzz", 1
 INT64_MAX = 2**63 - 1
@@ -85,7 +87,7 @@ class Harness:
 
 
 def start_harness(store_url: str) -> Harness:
-    services = start_in_process(store_url, staging_bytes=16 << 20, chunk_size=4096)
+    services = start_in_process(store_url, staging_bytes=16 << 20, chunk_size=CHUNK)
     client = AgentClient(services.agent_address)
     mm = ModelManager(lv.ModelConfig(job=SAFE_JOB, name="m"), agent=client)
     safe_state = {"w": torch.arange(3000, dtype=torch.float32),               # 3 chunks
@@ -152,6 +154,12 @@ class Piece:
     data: bytes
     pool_shift: int = 0           # shared memory: where the piece claims to lie, relative to where it was copied
     length: int | None = None     # shared memory: the length the Stage claims (default: len(data))
+    crcs: list[int] | None = None  # the chunk CRC32Cs sent (default: those of the bytes the piece claims)
+
+
+def chunk_crcs(data: bytes | memoryview) -> list[int]:
+    """What an honest rank sends: the CRC32C of each CHUNK-byte span (see agent.proto Piece)."""
+    return [crc32c(data[i:i + CHUNK]) for i in range(0, len(data), CHUNK)]
 
 
 class _Driver:
@@ -191,7 +199,9 @@ def op_open(open_msg: agent_pb2.SaveOpen) -> Op:
 
 def op_data(piece: Piece) -> Op:
     def run(d: _Driver) -> None:
-        d.send(agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=piece.entry, entry_offset=piece.offset, data=piece.data)))
+        crcs = chunk_crcs(piece.data) if piece.crcs is None else piece.crcs
+        d.send(agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=piece.entry, entry_offset=piece.offset, data=piece.data,
+                                                              chunk_crc32c=crcs)))
     return run
 
 
@@ -206,8 +216,10 @@ def op_shared(pieces: list[Piece]) -> Op:
         cursor, staged = reserved.offset, []
         for p in pieces:
             d.harness.pool_view[cursor:cursor + len(p.data)] = p.data
-            staged.append(agent_pb2.Piece(entry=p.entry, entry_offset=p.offset, pool_offset=cursor + p.pool_shift,
-                                          length=len(p.data) if p.length is None else p.length))
+            offset, length = cursor + p.pool_shift, len(p.data) if p.length is None else p.length
+            claimed = d.harness.pool_view[max(0, offset):max(0, offset + length)]
+            staged.append(agent_pb2.Piece(entry=p.entry, entry_offset=p.offset, pool_offset=offset, length=length,
+                                          chunk_crc32c=chunk_crcs(claimed) if p.crcs is None else p.crcs))
             cursor += max(1, len(p.data))
         d.send(agent_pb2.SaveRequest(stage=agent_pb2.StagePieces(pieces=staged)))
     return run
@@ -237,6 +249,8 @@ def op_finish(d: _Driver) -> None:
 class Expected:
     code: grpc.StatusCode
     fragments: tuple[str, ...] = ()   # one of them must be in the status message
+    # Found by the uploads, after the hand-off: the stream may end OK, then WaitSave has the status.
+    after_handoff: bool = False
 
 
 def run_stream(harness: Harness, ops: list[Op]) -> tuple[grpc.StatusCode, str]:
@@ -335,7 +349,8 @@ OPEN_CORRUPTIONS = ["bad_job", "bad_kind", "bad_step", "bad_world", "empty_name"
                     "unknown_compressor", "bad_training_key", "already_committed"]
 STREAM_CORRUPTIONS = ["truncate", "no_open_first", "drop_piece", "overlap", "past_end", "negative_entry_offset",
                       "unknown_entry", "empty_message", "second_open", "bad_reserve", "stage_outside",
-                      "stage_negative_length", "stage_closed_reservation", "finish_early"]
+                      "stage_negative_length", "stage_closed_reservation", "finish_early", "checksum_count",
+                      "checksum_mismatch"]
 VARIATIONS = ["none", "huge_reserve"]  # valid streams: must commit
 
 
@@ -483,6 +498,15 @@ def save_cases(draw: st.DrawFn, step: int, corruption: str) -> SaveCase:
             after.append(op_restage_closed)
             expected = Expected(INVALID, ("outside every reservation",))
         open_msg.shared_memory = True
+    elif corruption == "checksum_count":
+        right = chunk_crcs(target.data)
+        target.crcs = draw(st.one_of(st.just(right[:-1]), st.just(right + [0]), st.just([])))
+        expected = Expected(INVALID, ("chunk checksums, expected",))
+    elif corruption == "checksum_mismatch":  # the bytes changed between the rank's CRC and the agent's read
+        crcs = chunk_crcs(target.data)
+        crcs[draw(st.integers(0, len(crcs) - 1))] ^= 1 << draw(st.integers(0, 31))
+        target.crcs = crcs
+        expected = Expected(grpc.StatusCode.DATA_LOSS, ("changed after rank 0 staged them",), after_handoff=True)
     elif corruption == "finish_early":
         keep = draw(st.integers(0, len(pieces) - 1))
         pieces = pieces[:keep]
@@ -502,6 +526,8 @@ def save_cases(draw: st.DrawFn, step: int, corruption: str) -> SaveCase:
 def check_save_case(harness: Harness, case: SaveCase) -> None:
     code, message = run_stream(harness, case.ops)
     want = case.expected
+    if code == OK and want.after_handoff:
+        code, message = wait_status(harness, case.open_msg.id)
     assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (case.corruption, code, message)
     assert code == want.code, (case.corruption, code, message)
     if code != OK:
@@ -510,6 +536,14 @@ def check_save_case(harness: Harness, case: SaveCase) -> None:
     else:
         check_committed(harness, case)
     harness.assert_unharmed()
+
+
+def wait_status(harness: Harness, id_: common_pb2.CheckpointId) -> tuple[grpc.StatusCode, str]:
+    try:
+        harness.stub.WaitSave(agent_pb2.WaitSaveRequest(id=id_, rank=0, timeout_s=60), timeout=90)
+        return OK, ""
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
 
 
 def check_committed(harness: Harness, case: SaveCase) -> None:
@@ -730,7 +764,8 @@ def test_a_failure_while_cutting_chunks_fails_the_save(tmp_path):
         session = SaveSession(_open([entry], 1, False), "0123456789ab", pool, LocalStore(tmp_path / "store"), executor,
                               4096, done.append)
         executor.submit(gate.wait)                # the only worker is busy: planning waits in the queue
-        session.stage_data(agent_pb2.DataPiece(entry=0, entry_offset=0, data=entry.payload), timeout=10)
+        session.stage_data(agent_pb2.DataPiece(entry=0, entry_offset=0, data=entry.payload,
+                                                     chunk_crc32c=chunk_crcs(entry.payload)), timeout=10)
         executor.shutdown(wait=False)             # queued work still runs; new submissions now raise
         gate.set()
         session.finish()

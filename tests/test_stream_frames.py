@@ -18,19 +18,22 @@ INT32 = st.integers(-(1 << 31), (1 << 31) - 1)
 INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
 
 
-def _proto(entry: int, offset: int, data: bytes) -> agent_pb2.SaveRequest:
-    return agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=entry, entry_offset=offset, data=data))
+UINT32 = st.integers(0, (1 << 32) - 1)
+
+
+def _proto(entry: int, offset: int, data: bytes, crcs: list[int] = ()) -> agent_pb2.SaveRequest:
+    return agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=entry, entry_offset=offset, data=data, chunk_crc32c=crcs))
 
 
 @fuzz_settings(300)
-@given(entry=INT32, offset=INT64, data=st.binary(max_size=300))
-def test_frames_are_byte_identical_to_protobuf_and_read_back(entry, offset, data):
-    wire = encode_save_request(DataFrame(entry, offset, data))
-    assert wire == _proto(entry, offset, data).SerializeToString()
-    assert agent_pb2.SaveRequest.FromString(wire) == _proto(entry, offset, data)
+@given(entry=INT32, offset=INT64, data=st.binary(max_size=300), crcs=st.lists(UINT32, max_size=4))
+def test_frames_are_byte_identical_to_protobuf_and_read_back(entry, offset, data, crcs):
+    wire = encode_save_request(DataFrame(entry, offset, data, crcs))
+    assert wire == _proto(entry, offset, data, crcs).SerializeToString()
+    assert agent_pb2.SaveRequest.FromString(wire) == _proto(entry, offset, data, crcs)
     frame = decode_save_request(wire)
     assert isinstance(frame, DataFrame)
-    assert (frame.entry, frame.entry_offset, bytes(frame.data)) == (entry, offset, data)
+    assert (frame.entry, frame.entry_offset, bytes(frame.data), list(frame.chunk_crc32c)) == (entry, offset, data, crcs)
 
 
 def test_a_large_piece_from_a_numpy_view_is_read_as_a_view():
@@ -62,6 +65,10 @@ def test_anything_unusual_is_left_to_protobuf():
     # an unknown field inside the piece: still a valid protobuf message, read by protobuf
     odd = bytes([0x22, 2, 0x28, 0x07])  # DataPiece with field 5 = 7 (unknown to this version)
     assert decode_save_request(odd) == agent_pb2.SaveRequest.FromString(odd)
+    # checksums sent unpacked (also valid protobuf) and a packed field of a length no fixed32 list has
+    unpacked = bytes([0x22, 10, 0x25, 1, 0, 0, 0, 0x25, 2, 0, 0, 0])
+    assert decode_save_request(unpacked) == agent_pb2.SaveRequest.FromString(unpacked)
+    assert list(decode_save_request(unpacked).data.chunk_crc32c) == [1, 2]
 
 
 @pytest.mark.parametrize("wire", [

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import layervault as lv
+from layervault.agent.checksum import crc32c
 from layervault.agent.codecs import StoreRates
 from layervault.client import AgentClient, CheckpointRef
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2
@@ -228,6 +229,53 @@ def test_corrupted_chunk_is_data_loss_and_model_untouched(services):
     assert_same_state(target.state_dict(), before)
 
 
+def test_bytes_changed_after_the_ranks_checksum_never_commit(services, shared_memory, monkeypatch):
+    """The rank's CRC32C of each staged chunk travels with the hand-off and the agent checks it
+    before the upload: one flipped bit in the pool after staging (a stray write) or in a gRPC
+    message (the way there) fails the save with DATA_LOSS naming job, step, layer and rank."""
+    import layervault.client as client_module
+
+    model = Net()
+    mm, _ = managers(services, shared_memory=shared_memory)
+    mm.save(model, step=1).wait(60)
+    want = copy.deepcopy(model.state_dict())
+    victim = model.state_dict()["encoder.2.weight"]
+
+    if shared_memory:
+        original = client_module._copy_and_checksum
+
+        def flip_after_checksum(source, offset, dst, chunk_size):
+            crcs = original(source, offset, dst, chunk_size)
+            if source.tensor.data_ptr() == victim.data_ptr() and offset == 0:
+                dst[5] ^= 0x10
+            return crcs
+
+        monkeypatch.setattr(client_module, "_copy_and_checksum", flip_after_checksum)
+    else:
+        frame = client_module.DataFrame
+
+        def flip_on_the_way(entry, offset, data, crcs):
+            data = bytearray(data)
+            if data == victim.numpy().tobytes():
+                data[5] ^= 0x10
+            return frame(entry, offset, bytes(data), crcs)
+
+        monkeypatch.setattr(client_module, "DataFrame", flip_on_the_way)
+    with torch.no_grad():
+        victim.add_(1.0)
+    with pytest.raises(lv.ChecksumError, match=r"run-42/model/step 2 rank 0: .*layer 'encoder.2.weight' changed after "
+                                               r"rank 0 staged them \(crc32c 0x[0-9a-f]{8}, the rank computed") as raised:
+        mm.save(model, step=2).wait(60)
+    assert raised.value.code == grpc.StatusCode.DATA_LOSS
+    assert [c.step for c in mm.checkpoints()] == [1]
+    monkeypatch.undo()
+    target = Net()
+    mm.load(target)
+    assert_same_state(target.state_dict(), want)
+    mm.save(model, step=2).wait(60)  # the same step saves once the bytes arrive intact
+    assert [c.step for c in mm.checkpoints()] == [1, 2]
+
+
 def test_staging_smaller_than_the_state_back_pressures(store_url):
     running = start_in_process(store_url, staging_bytes=2 << 20, chunk_size=512 << 10)
     try:
@@ -270,7 +318,8 @@ def test_rank_that_disconnects_mid_handoff_never_commits(services):
 
     def requests():
         yield agent_pb2.SaveRequest(open=open_msg)
-        yield agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=0, entry_offset=0, data=b"x" * 1000))
+        yield agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=0, entry_offset=0, data=b"x" * 1000,
+                                                                       chunk_crc32c=[crc32c(b"x" * 1000)]))
 
     call = stub.Save(requests())
     next(call)  # opened
