@@ -8,7 +8,7 @@ layers plus Adam after one step (22 layers: 1.11 GB). Storage is SeaweedFS on lo
 started here, the same server for every system. Each figure is the median (min-max) of
 ``--runs`` runs; ratios are taken within this run only. Results go to bench/RESULTS.md.
 
-Modules: state (the state, probes, result record), s3 (the bucket), floors, peers,
+Modules: state (the state, probes, result record), s3 (the bucket), floors, grpc_floor, peers,
 layervault_runs, scaling, report.
 """
 
@@ -61,11 +61,12 @@ def main() -> int:
     import torch.multiprocessing as mp
 
     import floors
+    import grpc_floor
     import layervault_runs
     import peers
     from report import BenchRun, render
     from scaling import scaling
-    from state import GB, make_state, state_bytes
+    from state import GB, make_state, state_bytes, tensors
 
     mp.set_sharing_strategy("file_system")
     skip = {(float(a), int(b)) for a, b in (c.split("x") for c in args.scaling_skip.split(",") if c)}
@@ -85,6 +86,7 @@ def main() -> int:
 
             print(f"state: {size / GB:.3f} GB ({args.layers} x Linear(2048, 2048) + Adam), {args.runs} runs", flush=True)
             floor = run_in_fresh_bucket(lambda b, _: floors.floors(b, args.runs, model, opt))
+            floor["grpc"] = grpc_floor.floor(tensors(model, opt), args.runs, workdir)
             print("floors done", flush=True)
             systems = []
 
