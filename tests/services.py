@@ -34,12 +34,13 @@ class InProcessServices:
 
 def start_in_process(store_url: str, staging_bytes: int = 64 << 20, chunk_size: int = 1 << 20,
                      commit_timeout: float = 60.0, staging_timeout: float = 60.0,
-                     store_rates: StoreRates = StoreRates()) -> InProcessServices:
+                     store_rates: StoreRates = StoreRates(), metrics_port: int | None = None) -> InProcessServices:
+    """``metrics_port``: 0 serves each server's Prometheus metrics on a free port (``metrics_address``)."""
     socket_dir = tempfile.mkdtemp(prefix="lv-", dir="/tmp")
-    coordinator = start_coordinator(open_store(store_url), commit_timeout=commit_timeout)
+    coordinator = start_coordinator(open_store(store_url), commit_timeout=commit_timeout, metrics_port=metrics_port)
     agent = start_agent(open_store(store_url), coordinator.address, socket_path=f"{socket_dir}/agent.sock",
                         staging_bytes=staging_bytes, chunk_size=chunk_size, staging_timeout=staging_timeout,
-                        store_rates=store_rates)
+                        store_rates=store_rates, metrics_port=metrics_port)
     return InProcessServices(agent.service.store, coordinator, agent)
 
 

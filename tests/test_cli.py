@@ -106,3 +106,22 @@ def test_a_damaged_manifest_is_named_and_hides_no_other_checkpoint(saved, caplog
     with caplog.at_level(logging.WARNING, logger="layervault.sdk"):
         assert [c.step for c in mm.checkpoints()] == [200]
     assert "cli-job/model step 100 is damaged" in caplog.text
+
+
+def test_ls_lists_every_job_unless_one_is_named(saved):
+    services, store_url = saved
+    mm = ModelManager(lv.ModelConfig(job="other-job", name="tiny"), agent=AgentClient(services.agent_address))
+    mm.save({"w": torch.ones(64)}, step=5).wait(60)
+    env = {"LAYERVAULT_AGENT": services.agent_address}
+
+    def rows(out: str) -> list[tuple[str, str]]:
+        return [tuple(line.split()[0:3:2]) for line in out.splitlines()[1:]]  # (JOB, STEP) below the header
+
+    assert rows(cli("ls", env=env).stdout) == [("cli-job", "100"), ("other-job", "5")]
+    for where, where_env in (([], env), (["--storage", store_url], None)):  # the agent's catalog and the bucket's
+        listing = json.loads(cli("ls", *where, "--json", env=where_env).stdout)
+        assert [(c["id"]["job"], c["id"]["step"], c["config_name"]) for c in listing] == [
+            ("cli-job", "100", "gpt-small"), ("other-job", "5", "tiny")]
+    assert rows(cli("ls", "other-job", env=env).stdout) == [("other-job", "5")]
+    assert [c["id"]["job"] for c in json.loads(cli("ls", "cli-job", "--json", env=env).stdout)] == ["cli-job"]
+    assert cli("ls", "no-such-job", env=env).stdout.strip() == "no committed checkpoints for job 'no-such-job'"
