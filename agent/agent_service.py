@@ -22,7 +22,7 @@ import psutil
 from layervault import __version__
 from layervault.agent import attempt_cleanup
 from layervault.agent.agent_registry import rfc3339
-from layervault.agent.auth import Metadata, forwarded
+from layervault.agent.auth import Metadata, forwarded, token_digest
 from layervault.agent.catalog import Catalog
 from layervault.agent.codecs import StoreRates
 from layervault.agent.handoff_gate import DEFAULT_MAX_WAIT, HandoffGate
@@ -153,12 +153,23 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     # -- resume after a restart (agent/journal.py, agent/resume.py) ---------------------------------
 
-    def _journal(self, open_msg: agent_pb2.SaveOpen, save_id: str, auth: Metadata) -> JournalFile | None:
+    def _journal(self, open_msg: agent_pb2.SaveOpen, save_id: str) -> JournalFile | None:
         """The journal of a new save, or None when it could not be resumed anyway: incremental saves
-        (their reuse index is not journaled) and saves made with a token (never written to disk)."""
-        if self.state is None or open_msg.incremental or auth:
+        (their reuse index is not journaled)."""
+        if self.state is None or open_msg.incremental:
             return None
         return self.state.journal(self.pool.path, open_msg, save_id)
+
+    def _journaled_auth(self, plan: SaveJournal) -> Metadata:
+        """The rank's token for a journaled save, found again in this agent's token file by its
+        digest; raises when it is not there, since the coordinator would refuse every report."""
+        if not plan.auth_digest:
+            return ()
+        auth = self.access.metadata_for(plan.auth_digest)
+        if auth is None:
+            raise InvalidArgumentError("it was saved with a job token that this agent's --tokens file does not "
+                                       "hold (give the agent the token file its ranks' tokens are in)")
+        return auth
 
     def resume_saves(self) -> int:
         """Finish the saves an earlier process of this agent journaled; call once, before serving."""
@@ -168,11 +179,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _resumed_session(self, plan: SaveJournal, journal: JournalFile, pool: AdoptedPool,
                          on_closed: Callable[[SaveSession], None]) -> SaveSession:
+        auth = self._journaled_auth(plan)
+
         def done(session: SaveSession) -> None:
-            self.reports.submit(self._session_done, session).add_done_callback(lambda _: on_closed(session))
+            self.reports.submit(self._session_done, session, auth).add_done_callback(lambda _: on_closed(session))
 
         session = SaveSession(plan.open, plan.save_id, pool, self.store, self.uploads,  # type: ignore[arg-type]
-                              plan.chunk_size, done, metrics=self.metrics, journal=journal, rates=self.store_rates)
+                              plan.chunk_size, done, metrics=self.metrics, journal=journal, rates=self.store_rates,
+                              auth_digest=plan.auth_digest)
         id_ = plan.open.id
         with self._lock:
             self._sessions[(id_.job, id_.kind, id_.step, plan.open.rank)] = session
@@ -180,9 +194,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _abort_attempt(self, plan: SaveJournal, reason: str) -> None:
         try:
+            auth = self._journaled_auth(plan)
+        except InvalidArgumentError:  # best effort: without the token the attempt expires at its deadline
+            auth = ()
+        try:
             self.coordinator.AbortSave(coordinator_pb2.AbortSaveRequest(
                 id=plan.open.id, save_id=plan.save_id, rank=plan.open.rank, agent_id=self.agent_id, reason=reason),
-                timeout=30)
+                timeout=30, metadata=auth)
         except grpc.RpcError as exc:
             log.warning("%s: could not tell the coordinator the attempt failed: %s", plan.label, exc.details())
 
@@ -251,8 +269,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             reuse = ReuseIndex(base, open_msg.config.compressor)
         session = SaveSession(open_msg, save_id, self.pool, self.store, self.uploads, self.chunk_size,
                               lambda done: self.reports.submit(self._session_done, done, auth), metrics=self.metrics,
-                              reuse=reuse, journal=self._journal(open_msg, save_id, auth), gate=self.handoffs,
-                              rates=self.store_rates)
+                              reuse=reuse, journal=self._journal(open_msg, save_id), gate=self.handoffs,
+                              rates=self.store_rates, auth_digest=token_digest(auth))
         with self._lock:
             self._sessions[(id_.job, id_.kind, id_.step, open_msg.rank)] = session
         self.metrics.saves_started.inc()

@@ -12,7 +12,8 @@ is always a wildcard); a token whose patterns include the bare ``*`` is an opera
 that may act for every job. Tokens are at least 16 characters, kept in memory only as
 SHA-256 digests, compared with :func:`hmac.compare_digest` against every entry (the time a
 lookup takes says nothing about which token, or how much of one, matched), and never logged:
-logs and messages name a token by its file and line.
+logs and messages name a token by its file and line. An agent's save journals keep a token's
+SHA-256 (:func:`token_digest`), never the token: a restarted agent finds it again in its file.
 
 Two checks, two places:
 
@@ -86,7 +87,8 @@ def _digest(token: str) -> bytes:
 class TokenTable:
     """Token digests -> grants. Build with :meth:`load` (a file) or :meth:`from_pairs` (code)."""
 
-    def __init__(self, grants: Iterable[tuple[str, Grant]]) -> None:
+    def __init__(self, grants: Iterable[tuple[str, Grant]], path: pathlib.Path | None = None) -> None:
+        self.path = path  # the token file, read again only by :meth:`metadata_for`
         self._entries: list[tuple[bytes, Grant]] = []
         seen: dict[bytes, str] = {}
         for token, grant in grants:
@@ -111,29 +113,19 @@ class TokenTable:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TokenTable":
         path = pathlib.Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-            mode = path.stat().st_mode
-        except (OSError, UnicodeDecodeError) as exc:
-            raise TokenFileError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
-            log.warning("token file %s is readable by other users (mode %o); chmod 600 or 640 it", path, mode & 0o777)
-        entries = []
-        for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = line.split()
-            where = f"{path.name}:{lineno}"
-            if len(parts) != 2:
-                raise TokenFileError(f"{path} line {lineno}: expected 'TOKEN JOB[,JOB...]', got {len(parts)} fields")
-            jobs = tuple(j for j in parts[1].split(",") if j)
-            if not jobs:
-                raise TokenFileError(f"{path} line {lineno}: no job after the token")
-            entries.append((parts[0], Grant(where, jobs)))
-        if not entries:
-            raise TokenFileError(f"token file {path} holds no tokens")
-        return cls(entries)
+        return cls(_read_token_file(path), path)
+
+    def metadata_for(self, digest: str) -> Metadata | None:
+        """The ``authorization`` metadata of the token whose :func:`token_digest` is ``digest``,
+        read again from the token file (in memory tokens are digests only); None when no token
+        of the file has it (it was removed, or the table was built in code)."""
+        if self.path is None or not digest:
+            return None
+        found = None
+        for token, _ in _read_token_file(self.path):
+            if hmac.compare_digest(_digest(token).hex(), digest):
+                found = ((METADATA_KEY, SCHEME + token),)
+        return found
 
     def lookup(self, token: str) -> Grant | None:
         """The grant of ``token``, comparing against every entry in constant time."""
@@ -143,6 +135,40 @@ class TokenTable:
             if hmac.compare_digest(digest, presented):
                 found = grant
         return found
+
+
+def _read_token_file(path: pathlib.Path) -> list[tuple[str, Grant]]:
+    """``(token, grant)`` per line of a token file (see the module docstring)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) & ~stat.S_IRGRP:
+        log.warning("token file %s is readable by other users (mode %o); chmod 600 or 640 it", path, mode & 0o777)
+    entries = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        where = f"{path.name}:{lineno}"
+        if len(parts) != 2:
+            raise TokenFileError(f"{path} line {lineno}: expected 'TOKEN JOB[,JOB...]', got {len(parts)} fields")
+        jobs = tuple(j for j in parts[1].split(",") if j)
+        if not jobs:
+            raise TokenFileError(f"{path} line {lineno}: no job after the token")
+        entries.append((parts[0], Grant(where, jobs)))
+    if not entries:
+        raise TokenFileError(f"token file {path} holds no tokens")
+    return entries
+
+
+def token_digest(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """Hex SHA-256 of the bearer token in ``metadata`` ("" without one): what an agent's save
+    journal keeps instead of the token, to find it again in its token file after a restart."""
+    token = bearer_token(metadata)
+    return _digest(token).hex() if token else ""
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
@@ -210,6 +236,10 @@ class AccessControl:
 
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         return [_AuthenticatingInterceptor(self.table, self.service)] if self.table is not None else []
+
+    def metadata_for(self, digest: str) -> Metadata | None:
+        """See :meth:`TokenTable.metadata_for`; None without tokens."""
+        return self.table.metadata_for(digest) if self.table is not None else None
 
     def grant(self, context: grpc.ServicerContext) -> Grant | None:
         """The caller's grant; None when tokens are off. Raises if tokens are on and it has none."""

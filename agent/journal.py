@@ -88,6 +88,7 @@ class SaveJournal:
     chunk_size: int
     pieces: list[StagedPiece]
     generation: int = 0  # agents that resumed it so far; each uploads under fresh chunk indices
+    auth_digest: str = ""  # SHA-256 of the rank's job token (never the token: see agent/auth.py token_digest)
 
     @property
     def label(self) -> str:
@@ -103,6 +104,7 @@ class SaveJournal:
             "format": FORMAT, "save_id": self.save_id, "generation": self.generation,
             "pool": {"path": self.pool_path, "size": self.pool_size}, "chunk_size": self.chunk_size,
             "pieces": [[p.entry, p.entry_offset, p.pool_offset, p.length, list(p.chunk_crc32c)] for p in self.pieces],
+            "auth": self.auth_digest,
             "open": json_format.MessageToDict(self.open),
         }, separators=(",", ":")).encode()
 
@@ -120,7 +122,7 @@ class SaveJournal:
                 open=json_format.ParseDict(doc["open"], agent_pb2.SaveOpen()),
                 save_id=str(doc["save_id"]), pool_path=str(doc["pool"]["path"]), pool_size=int(doc["pool"]["size"]),
                 chunk_size=int(doc["chunk_size"]), generation=int(doc["generation"]),
-                pieces=[_staged_piece(p) for p in doc["pieces"]],
+                pieces=[_staged_piece(p) for p in doc["pieces"]], auth_digest=str(doc.get("auth", "")),
             )
         except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
             raise JournalError(f"journal {where} is malformed: {type(exc).__name__}: {exc}") from None

@@ -137,7 +137,14 @@ def _resume_one(journal: JournalFile, pool: AdoptedPool, new_session: SessionFac
         abort(plan, "the agent restarted and could not rewrite its journal")
         return 0
     pool.acquire()
-    session = new_session(plan, journal, pool, pool.release)
+    try:
+        session = new_session(plan, journal, pool, pool.release)
+    except InvalidArgumentError as exc:  # e.g. the job token it was saved with is gone
+        pool.release()
+        log.warning("%s: not resumed: %s; the save fails", plan.label, exc)
+        abort(plan, f"the agent restarted and could not resume the save: {exc}")
+        journal.remove()
+        return 0
     try:
         uploads = session.resume(plan, durable)
     except Exception as exc:  # noqa: BLE001 - one bad journal must not keep the agent from starting

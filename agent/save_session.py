@@ -115,8 +115,11 @@ class SaveSession:
         reuse: ReuseIndex | None = None,
         gate: HandoffGate | None = None,
         rates: StoreRates = StoreRates(),
+        auth_digest: str = "",
     ) -> None:
-        """``rates``: what a stored byte costs, weighed against codec time (see :mod:`.codecs.select`)."""
+        """``rates``: what a stored byte costs, weighed against codec time (see :mod:`.codecs.select`).
+        ``auth_digest``: the digest of the rank's job token, journaled so that a restarted agent
+        can report for the rank again (see :func:`layervault.agent.auth.token_digest`)."""
         self.open = open_msg
         self.id = open_msg.id
         self.rank = open_msg.rank
@@ -147,6 +150,7 @@ class SaveSession:
             state.index = index
         # Resume after an agent restart (agent/journal.py): where the pieces lie, which chunks are durable.
         self.journal = journal
+        self.auth_digest = auth_digest
         self._pieces: list[StagedPiece] = []
         self._durable_offsets: set[tuple[int, int]] = set()  # (entry, raw_offset) already in storage
 
@@ -243,7 +247,7 @@ class SaveSession:
             durable = [DurableChunk(s.index, tuple(s.chain or ()), ref) for s in self.entries for ref in s.chunks]
             pieces = list(self._pieces)
         self.journal.write(SaveJournal(self.open, self.save_id, str(self.pool.path), self.pool.size,
-                                       self.chunk_size, pieces), durable)
+                                       self.chunk_size, pieces, auth_digest=self.auth_digest), durable)
 
     def resume(self, plan: SaveJournal, durable: list[DurableChunk]) -> int:
         """Finish a save that an earlier agent process journaled: keep its durable chunks, cut the

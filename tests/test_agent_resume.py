@@ -8,6 +8,7 @@ same socket (so the same state directory).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import threading
@@ -37,9 +38,11 @@ DEAD_PID = 999_999_999  # above any pid_max: no such process
 class Node:
     """A coordinator and one agent as `layervault` processes; the agent's S3 traffic goes through a proxy."""
 
-    def __init__(self, s3_endpoint: str, bucket: str, workdir: pathlib.Path, staging_mib: int) -> None:
+    def __init__(self, s3_endpoint: str, bucket: str, workdir: pathlib.Path, staging_mib: int,
+                 tokens: pathlib.Path | None = None) -> None:
         self.storage = f"s3://{bucket}/lv"
         self.workdir, self.staging_mib = workdir, staging_mib
+        self.security = ["--tokens", str(tokens)] if tokens else []  # the same file for both services
         self.socket = workdir / "agent.sock"
         self.state_dir = workdir / "agent.state"
         url = urllib.parse.urlsplit(s3_endpoint)
@@ -48,13 +51,14 @@ class Node:
         self.agent = self._agent(self.proxy.endpoint)
 
     def start_coordinator(self) -> None:
-        self.coordinator = ServiceProcess(["coordinator", "--storage", self.storage, "--host", "127.0.0.1", "--port", "0"],
-                                          self.workdir, "coordinator")
+        self.coordinator = ServiceProcess(["coordinator", "--storage", self.storage, "--host", "127.0.0.1", "--port", "0",
+                                           *self.security], self.workdir, "coordinator")
 
     def _agent(self, endpoint: str | None) -> ServiceProcess:
         env = {"AWS_ENDPOINT_URL": endpoint} if endpoint else {}
         return ServiceProcess(["agent", "--coordinator", self.coordinator.info["coordinator"], "--storage", self.storage,
-                               "--socket", str(self.socket), "--staging-mib", str(self.staging_mib), "--chunk-mib", "1", "--grace", "2"],
+                               "--socket", str(self.socket), "--staging-mib", str(self.staging_mib), "--chunk-mib", "1", "--grace", "2",
+                               *self.security],
                               self.workdir, "agent", env=env)
 
     @property
@@ -83,8 +87,8 @@ def node_factory(s3_server, s3_bucket, tmp_path):
         pytest.skip("the upload-stalling proxy is set up for the local SeaweedFS server")
     nodes = []
 
-    def make(staging_mib: int = 64) -> Node:
-        nodes.append(Node(s3_server.endpoint, s3_bucket, tmp_path, staging_mib))
+    def make(staging_mib: int = 64, tokens: pathlib.Path | None = None) -> Node:
+        nodes.append(Node(s3_server.endpoint, s3_bucket, tmp_path, staging_mib, tokens))
         return nodes[-1]
 
     yield make
@@ -152,6 +156,37 @@ def test_agent_killed_during_upload_resumes_and_commits(node_factory):
     assert not hold_path(pool_path).exists() and node.journals() == []
     assert not (node.state_dir / pool_path.name).exists()
     assert node.agent.log_path.read_text().count("resumed after an agent restart") == 2
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_a_save_made_with_a_job_token_resumes_without_the_token_on_disk(node_factory, tmp_path):
+    """The journal keeps only the token's SHA-256; the restarted agent finds the token again in its
+    --tokens file and reports for the rank with it (the coordinator checks job tokens too)."""
+    token = "resume-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} secured\n")
+    tokens.chmod(0o600)
+    node = node_factory(tokens=tokens)
+    model, _ = _trained(0)
+    client = AgentClient(node.address, token=token)
+    mm = ModelManager(lv.ModelConfig(job="secured", name="mlp"), agent=client)
+
+    node.proxy.limit(0)
+    results: dict = {}
+    waiter = _waiter(mm.save(model, step=1), results, "model")
+    journals = node.journals()
+    assert len(journals) == 1
+    on_disk = b"".join(p.read_bytes() for p in node.state_dir.rglob("*") if p.is_file())
+    assert token.encode() not in on_disk and hashlib.sha256(token.encode()).hexdigest().encode() in on_disk
+
+    node.kill_and_restart_agent()
+    waiter.join(150)
+    assert results["model"].id.step == 1, results
+    fresh, _ = _trained(1)
+    mm.load(fresh, step=1)
+    assert _same_state(fresh.state_dict(), model.state_dict())
+    assert "resumed after an agent restart" in node.agent.log_path.read_text()
 
 
 @pytest.mark.slow
