@@ -5,7 +5,8 @@ Transient failures are retried and the save commits bit-identically; failures th
 past the retry deadline fail the save with an error naming job, step and layer, and leave
 the last committed checkpoint as it was; an ambiguous manifest write commits exactly once;
 a failing LIST is an error everywhere, never "no checkpoints"; a failed attempt's objects
-and open multipart uploads are removed.
+and open multipart uploads are removed; the retries and failed saves show in the metrics
+scraped from the agent and the coordinator.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ import json
 import os
 import queue
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import layervault as lv
+from layervault.agent.checksum import crc32c
 from layervault.agent import keys
 from layervault.agent.storage import ObjectNotFound, StorageError, open_store
 from layervault.agent.storage.retry import RetryPolicy
@@ -270,7 +274,9 @@ def test_chunks_stored_after_the_attempt_failed_are_swept_by_their_agent(service
     through_proxy.clear()
 
     # Only now do rank 1's chunks reach storage: its agent's report is refused, and it sweeps them.
-    requests.put(agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=0, entry_offset=0, data=late.numpy().tobytes())))
+    body = late.numpy().tobytes()
+    crcs = [crc32c(body[at:at + (256 << 10)]) for at in range(0, len(body), 256 << 10)]  # one per 256 KiB chunk
+    requests.put(agent_pb2.SaveRequest(data=agent_pb2.DataPiece(entry=0, entry_offset=0, data=body, chunk_crc32c=crcs)))
     requests.put(agent_pb2.SaveRequest(finish=True))
     requests.put(None)
     assert next(replies).WhichOneof("kind") == "finished"
@@ -319,6 +325,44 @@ def test_failed_multipart_put_aborts_its_upload(through_proxy, s3_server, s3_buc
         store.put("big2", data)
     assert _open_uploads(s3_server, s3_bucket, "big2") == []
     assert _objects(s3_server, s3_bucket, "big2") == []
+
+
+# -- (f) retries and failed saves reach the scraped metrics --------------------------------------
+
+
+def _scraped(address: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``, read over HTTP."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_retries_and_failed_saves_are_counted_in_the_scraped_metrics(through_proxy, s3_bucket):
+    services = start_in_process(f"s3://{s3_bucket}/{PREFIX}", chunk_size=256 << 10, metrics_port=0)
+    agent, coordinator = services.agent.metrics_address, services.coordinator.metrics_address
+    retries = "layervault_storage_retries_total"
+    agent_failed, coordinator_failed = "layervault_agent_saves_failed_total", "layervault_coordinator_saves_failed_total"
+    try:
+        mm = _manager(services, "scraped")
+        retries_before = _scraped(agent, retries, role="agent")
+        through_proxy.fail("PUT", CHUNK_PUTS, Fault.INTERNAL, times=3)
+        mm.save({"w": _tensor(14)}, step=1).wait(60)
+        assert through_proxy.count("PUT", CHUNK_PUTS, faulted=True) == 3
+        assert _scraped(agent, retries, role="agent") >= retries_before + 3
+        assert _scraped(coordinator, "layervault_coordinator_saves_committed_total") == 1
+        assert [c.step for c in mm.checkpoints()] == [1]
+        assert _scraped(agent, agent_failed) == 0 and _scraped(coordinator, coordinator_failed) == 0
+
+        through_proxy.fail("PUT", CHUNK_PUTS, Fault.SLOW_DOWN)  # every attempt, past the 6 the store makes
+        with pytest.raises(lv.SaveFailedError, match="layer 'w'"):
+            mm.save({"w": _tensor(15)}, step=2).wait(60)
+        eventually(lambda: _scraped(agent, agent_failed) == 1, "the agent counts its failed rank save", timeout=10.0)
+        eventually(lambda: _scraped(coordinator, coordinator_failed) == 1, "the coordinator counts the failed attempt",
+                   timeout=10.0)
+        assert _scraped(coordinator, "layervault_coordinator_saves_committed_total") == 1
+    finally:
+        services.stop()
 
 
 def _entries(state: dict[str, torch.Tensor]) -> list[SaveEntry]:
