@@ -11,7 +11,7 @@ legal; a listed-but-wrong or partial checkpoint is the failure). Surviving ranks
 stop with a layervault error. Then a restarted job loads step 1 and saves step 2 again,
 which must commit.
 
-``LAYERVAULT_CHAOS_SEEDS=N`` runs N seeds (default 6, about 90 s on two cores).
+``LAYERVAULT_CHAOS_SEEDS=N`` runs N seeds (default 12: four per victim, about 3 minutes on two cores).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from services import ServiceProcess, start_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
-SEEDS = int(os.environ.get("LAYERVAULT_CHAOS_SEEDS", "6"))
+SEEDS = int(os.environ.get("LAYERVAULT_CHAOS_SEEDS", "12"))
 VICTIMS = ("rank", "agent", "coordinator")
 PHASES = ("hand-off", "uploading", "reported", "committed")
 COMMIT_TIMEOUT_S = 20  # bounds a survivor's wait for a rank that died before it began a save
