@@ -62,9 +62,15 @@ class _Manager(ManagerBase):
         if "step" in keys:
             raise InvalidArgumentError("pass the step as save(..., step=N), not as a training key")
         rank, world_size = rank_and_world()
-        for name, tensor in tensors.items():
+        for name, tensor in tensors.items():  # on every rank, whichever stores the tensor: the same error everywhere
             if not isinstance(tensor, torch.Tensor):
                 raise InvalidArgumentError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+            if tensor.layout != torch.strided:
+                raise InvalidArgumentError(f"{name!r} is a {tensor.layout} tensor; convert it to dense first")
+            try:
+                dtype_name(tensor.dtype)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"{name!r}: {exc}") from None
         owners = assign_owners({n: t.numel() * t.element_size() for n, t in tensors.items()}, world_size)
         mine = [SaveEntry(n, whole_layout(t), TensorSource(t)) for n, t in tensors.items() if owners[n] == rank]
         ref = CheckpointRef(self.config.job, self.kind, step)

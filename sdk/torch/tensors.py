@@ -16,8 +16,15 @@ from layervault.torch.dtypes import dtype_name, torch_dtype
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as one dimension of stride 1. Not ``reshape(-1)``: torch calls a tensor
+    contiguous whatever the strides of its size-1 dimensions (``x[::2]`` of 2 elements), and
+    reshaping such a one keeps a stride that ``view(torch.uint8)`` refuses."""
+    return t.as_strided((t.numel(),), (1,))
+
+
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return _flat(t).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -36,7 +43,7 @@ class TensorSource:
             raise InvalidArgumentError(f"cannot save a {t.layout} tensor; convert it to dense first")
         self.tensor = t.contiguous()
         self._u8 = _bytes_view(self.tensor)
-        self._flat = self.tensor.reshape(-1)
+        self._flat = _flat(self.tensor)
         self.nbytes = self._u8.numel()
         self._version = _version(self.tensor)
 
