@@ -64,6 +64,15 @@ class AgentRegistry:
         with self._lock:
             self._reports[state.agent_id] = report
 
+    def describe(self, agent_id: str) -> str:
+        """``agent_id``, with the addresses of its latest report when there is one (for errors)."""
+        with self._lock:
+            report = self._reports.get(agent_id)
+        if report is None:
+            return agent_id
+        addresses = [a for a in (report.state.address, report.state.tcp_address) if a]
+        return f"{agent_id} at {', '.join(dict.fromkeys(addresses))}" if addresses else agent_id
+
     def list(self) -> list[coordinator_pb2.AgentStatus]:
         """Every known agent, sorted by id, stale ones marked so."""
         now = self._clock()

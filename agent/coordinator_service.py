@@ -25,15 +25,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.store = store
         self.catalog = Catalog(store)
         self.metrics = metrics or CoordinatorMetrics()
-        self.commits = CommitCoordinator(store, self.catalog, commit_timeout, self.metrics, retention=retention)
         self.agents = AgentRegistry()
+        self.commits = CommitCoordinator(store, self.catalog, commit_timeout, self.metrics, retention=retention,
+                                         describe_agent=self.agents.describe)
         self.metrics.watch(saves_pending=self.commits.pending_count, agents_by_phase=self.agents.count_by_phase,
                            store_stats=store.stats)
 
     @handler
     def BeginSave(self, request: coordinator_pb2.BeginSaveRequest, context: grpc.ServicerContext) -> coordinator_pb2.BeginSaveReply:
         self.access.require(context, request.id.job, "save")
-        return self.commits.begin(request)
+        return self.commits.begin(request, context.peer())
 
     @handler
     def ReportShards(self, request: coordinator_pb2.ReportShardsRequest, context: grpc.ServicerContext) -> common_pb2.Empty:
@@ -76,6 +77,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     @handler
     def AgentHeartbeat(self, request: coordinator_pb2.AgentHeartbeatRequest, context: grpc.ServicerContext) -> coordinator_pb2.AgentHeartbeatReply:
         self.agents.record(request.state)
+        if request.state.phase == coordinator_pb2.AGENT_PHASE_STOPPED:  # its goodbye: see CommitCoordinator.agent_stopped
+            self.commits.agent_stopped(request.state.agent_id, context.peer())
         return coordinator_pb2.AgentHeartbeatReply()
 
     @handler

@@ -3,8 +3,10 @@
 Each server records into its own :class:`~prometheus_client.CollectorRegistry`, never
 the process-wide default one, so several servers in one process (``layervault up``, the
 tests) neither collide nor count each other's work; ``layervault up`` hands one registry
-to both, so one port shows both roles. A registry is served over HTTP by
-:func:`serve_metrics` on the gRPC listener's host.
+to both, so one port shows both roles. A registry is served by :func:`serve_metrics` on the
+gRPC listener's host, under the listener's rule (:mod:`layervault.agent.tls`): HTTPS with the
+daemon's certificate when it has one (with ``--tls-ca``, scrapers must show a certificate that
+CA signed, as every gRPC client must), plain HTTP on loopback, or anywhere with ``--insecure``.
 
 Hot-path cost: a hand-off piece or an uploaded chunk costs a few counter increments
 (prometheus_client's own per-value lock), with each codec's labelled children looked up
@@ -20,15 +22,19 @@ stays correct when rates or several agents are summed (a ratio gauge would not).
 from __future__ import annotations
 
 import dataclasses
+import socket
+import ssl
 import threading
 from typing import Callable, Iterable, Iterator
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from layervault.agent.storage import StoreStats
+from layervault.agent.tls import TlsConfig, TlsConfigError, check_plaintext
 
 UPLOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 COMMIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -194,11 +200,16 @@ class CoordinatorMetrics:
 
 @dataclasses.dataclass
 class MetricsEndpoint:
-    """A running ``/metrics`` HTTP server."""
+    """A running ``/metrics`` HTTP(S) server."""
 
     server: WSGIServer
     thread: threading.Thread
     address: str  # host:port it listens on
+    scheme: str = "http"  # "https" when served with the daemon's certificate
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.address}/metrics"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -206,19 +217,74 @@ class MetricsEndpoint:
         self.thread.join(timeout=5)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
+#: Seconds a scraper has to complete its TLS handshake (and, after it, each read).
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass  # a scrape every few seconds is not news
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    """prometheus_client's threading WSGI server, with TLS shaken hands per connection on the
+    connection's own thread under a timeout. (prometheus_client's own TLS server does it inside
+    accept(): one client that connects and says nothing would stall every later scrape.)"""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            conn = self.ssl_context.wrap_socket(request, server_side=True)
+        except OSError:  # plaintext, no or an unknown client certificate, or silence: no metrics for it
+            return None
+        try:
+            return super().finish_request(conn, client_address)
+        finally:
+            conn.close()
+
+
+def _server_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.verifies_peer_certificates:  # as on the gRPC listener: with a CA, clients show a certificate it signed
+        context.load_verify_locations(cadata=tls.ca_pem.decode("ascii", "replace"))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, tls: TlsConfig | None = None,
+                  insecure: bool = False) -> MetricsEndpoint:
     """Serve ``registry`` (plus this process's CPU, memory and file descriptors) on ``host:port``.
 
+    With ``tls``: HTTPS with its certificate and key, and with its CA bundle client
+    certificates are required. Without: plain HTTP, refused on a non-loopback host unless
+    ``insecure`` (:class:`~layervault.agent.tls.TlsConfigError` naming ``--insecure``): job
+    names, agents' states and errors would be readable by anyone on the network.
     Port 0 binds any free port; the endpoint's ``address`` says which.
     """
     from prometheus_client import PlatformCollector, ProcessCollector
 
+    shown = f"[{host}]" if ":" in host else host
+    if tls is None:
+        check_plaintext(f"{shown}:{port}", "serve metrics on", insecure,
+                        exposed="job names, agent states and their errors")
+    elif not tls.has_identity:
+        raise TlsConfigError("serving metrics over TLS needs --tls-cert and --tls-key")
+    server_class = type("MetricsServer", (_MetricsServer,), {
+        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET,
+        "ssl_context": _server_context(tls) if tls is not None else None,
+    })
+    try:
+        server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {shown}:{port}: {exc}") from exc
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as exc:
-        raise OSError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
-    bound = server.server_address[1]
-    shown = f"[{host}]" if ":" in host else host
-    return MetricsEndpoint(server, thread, f"{shown}:{bound}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="lv-metrics")
+    thread.start()
+    return MetricsEndpoint(server, thread, f"{shown}:{server.server_address[1]}", "https" if tls else "http")

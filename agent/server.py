@@ -3,6 +3,18 @@
 Servers bind port 0 when asked, and report the port they got, so tests and ``layervault up``
 never collide. The agent listens on a unix socket (ranks of its node) and on TCP (ranks
 without shared memory, other nodes, tools).
+
+Graceful stop (:meth:`RunningServer.stop`, on SIGTERM) within a grace period:
+
+* the health check turns NOT_SERVING at once, while the listeners stay open, so callers get
+  an answer rather than a refused connection;
+* an agent refuses new saves (UNAVAILABLE, naming the agent) and gives the saves handed off
+  to it the grace period to become durable and report; it aborts the rest, and its goodbye
+  heartbeat fails their attempts at the coordinator, which removes their objects and open
+  multipart uploads (see :meth:`~layervault.agent.commit.CommitCoordinator.agent_stopped`);
+* a coordinator fails the attempts that are not writing their manifest, so none is written
+  for them and their waiters are answered at once, and removes their objects;
+* then the listeners close; calls still running get what is left of the grace period.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from layervault.agent.metrics import AgentMetrics, CoordinatorMetrics, MetricsEn
 from layervault.agent.rpc import SERVER_OPTIONS, add_servicer
 from layervault.agent.security import ServerSecurity
 from layervault.agent.storage import ObjectStore
+from layervault.errors import LayervaultError
 from layervault.proto import agent_pb2, coordinator_pb2, coordinator_pb2_grpc
 from layervault.stream_frames import decode_save_request, encode_restore_reply
 
@@ -76,16 +89,20 @@ class RunningServer:
         return self.metrics.address if self.metrics else ""
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Graceful stop: refuse new work, give in-flight calls and (for an agent) uploads
-        ``grace`` seconds, abort what is left, then release everything."""
-        self.health.enter_graceful_shutdown()
-        draining = isinstance(self.service, AgentService)
-        if draining:
-            self.service.start_draining()
-        started = time.monotonic()
-        self.server.stop(grace).wait()
-        if draining:
-            self.service.drain(max(0.0, (grace or 0.0) - (time.monotonic() - started)))
+        """Graceful stop (see the module docstring): refuse new work, give in-flight saves and
+        calls ``grace`` seconds in all, abort what is left, then release everything."""
+        deadline = time.monotonic() + (grace or 0.0)
+        agent = isinstance(self.service, AgentService)
+        if agent:
+            self.service.start_draining()  # first: whoever sees NOT_SERVING also finds new saves refused
+        self.health.enter_graceful_shutdown()  # NOT_SERVING; later set() calls are ignored
+        if agent:
+            self.service.drain(grace or 0.0)  # still listening: new saves get UNAVAILABLE with the reason
+        elif isinstance(self.service, CoordinatorService):
+            self.service.commits.shut_down()
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        if isinstance(self.service, CoordinatorService):
+            self.service.commits.join_sweeps(max(0.0, deadline - time.monotonic()))
         close = getattr(self.service, "close", None)
         if close:
             close()
@@ -108,13 +125,14 @@ def _enable_reflection(server: grpc.Server, service_name: str) -> None:
 
 
 def _start_metrics(server: grpc.Server, service: object, registry: CollectorRegistry, host: str,
-                   port: int | None) -> MetricsEndpoint | None:
-    """Serve ``registry`` on ``host:port`` (``None``: not at all); on failure release the gRPC server."""
+                   port: int | None, security: ServerSecurity) -> MetricsEndpoint | None:
+    """Serve ``registry`` on ``host:port`` (``None``: not at all) under the listeners' TLS rule;
+    on failure release the gRPC server."""
     if port is None:
         return None
     try:
-        return serve_metrics(registry, host, port)
-    except OSError:
+        return serve_metrics(registry, host, port, security.tls, security.insecure)
+    except (OSError, LayervaultError):
         server.stop(0)
         close = getattr(service, "close", None)
         if close:
@@ -149,12 +167,12 @@ def start_coordinator(store: ObjectStore, host: str = "127.0.0.1", port: int = 0
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     _enable_reflection(server, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name)
     address = security.bind_tcp(server, host, port)
-    endpoint = _start_metrics(server, service, metrics.registry, host, metrics_port)
+    endpoint = _start_metrics(server, service, metrics.registry, host, metrics_port, security)
     server.start()
     health_servicer.set("layervault.v1.Coordinator", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("coordinator listening on %s, storage %s%s", address, store.url,
-             f", metrics on http://{endpoint.address}/metrics" if endpoint else "")
+             f", metrics on {endpoint.url}" if endpoint else "")
     return RunningServer(server, address, address, service, health_servicer, endpoint)
 
 
@@ -213,12 +231,12 @@ def start_agent(
         security.bind_unix(server, path)
         address = f"unix://{path}"
     service.resume_saves()  # only now: a second agent on a socket in use must not adopt the first one's saves
-    endpoint = _start_metrics(server, service, service.metrics.registry, host, metrics_port)
+    endpoint = _start_metrics(server, service, service.metrics.registry, host, metrics_port, security)
     server.start()
     health_servicer.set("layervault.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     service.start_heartbeat(address, tcp, endpoint.address if endpoint else "")
     log.info("agent %s listening on %s and %s, staging %d MiB, storage %s%s",
              service.agent_id, address, tcp, staging_bytes >> 20, store.url,
-             f", metrics on http://{endpoint.address}/metrics" if endpoint else "", extra={"agent": service.agent_id})
+             f", metrics on {endpoint.url}" if endpoint else "", extra={"agent": service.agent_id})
     return RunningServer(server, address, tcp, service, health_servicer, endpoint)

@@ -141,15 +141,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_plaintext(address: str, role: str, insecure: bool) -> None:
-    """Refuse plaintext gRPC to or from a non-loopback ``address`` unless ``insecure`` was asked for.
+def check_plaintext(address: str, role: str, insecure: bool, exposed: str = "tokens and checkpoint bytes") -> None:
+    """Refuse plaintext to or from a non-loopback ``address`` unless ``insecure`` was asked for.
 
-    ``role`` says what the address is, for the message ("listen on", "dial the coordinator at").
+    ``role`` says what the address is, for the message ("listen on", "dial the coordinator at",
+    "serve metrics on"); ``exposed``, what would cross the network in clear.
     """
     if address.startswith("unix:") or insecure or is_loopback(host_of(address)):
         return
     raise TlsConfigError(
-        f"refusing to {role} {address} without TLS: tokens and checkpoint bytes would cross the network "
+        f"refusing to {role} {address} without TLS: {exposed} would cross the network "
         "in clear. Give --tls-cert and --tls-key (and --tls-ca for mutual TLS), or --insecure to accept plaintext")
 
 

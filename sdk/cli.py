@@ -24,6 +24,7 @@ import pathlib
 import signal
 import sys
 import threading
+import time
 from typing import Sequence
 
 from layervault import lifecycle_cli
@@ -67,6 +68,33 @@ def _serve_until_signal(servers: list, grace: float) -> None:
     logging.getLogger("layervault").info("shutting down (grace %.0fs)", grace)
     for server in servers:
         server.stop(grace=grace)
+    _exit_soon_after_stop()
+
+
+#: Seconds the process may take to exit once its servers stopped.
+EXIT_BOUND_S = 5.0
+
+
+def _exit_soon_after_stop() -> None:
+    """Make sure the process ends within :data:`EXIT_BOUND_S` of a graceful stop.
+
+    A storage call of a save aborted at the end of the grace period may still hang (a stalled
+    upload waits out botocore's read timeout and our retries: minutes), and Python's exit
+    waits for every pool thread. The save is already failed at the coordinator, so nothing
+    is lost by leaving without it: a daemon watchdog ends the process if exit takes longer.
+    """
+
+    def watchdog() -> None:
+        time.sleep(EXIT_BOUND_S)
+        ours = sorted(t.name for t in threading.enumerate() if t.name.startswith("lv-") and t.name != "lv-exit-watchdog")
+        logging.getLogger("layervault").warning("exit took over %.0fs after the shutdown; leaving without the threads "
+                                                "still running: %s", EXIT_BOUND_S, ", ".join(ours) or "-")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True, name="lv-exit-watchdog").start()
 
 
 def _metrics_port(args: argparse.Namespace) -> int | None:

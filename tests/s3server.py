@@ -15,6 +15,7 @@ With ``LAYERVAULT_TEST_S3_ENDPOINT`` set, nothing is started; that endpoint is u
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import random
@@ -77,13 +78,13 @@ def free_port_pairs(count: int, offset: int = _GRPC_OFFSET) -> list[int]:
         return chosen
 
 
-def client(endpoint: str, **config: Any) -> Any:
+def client(endpoint: str, access_key: str | None = None, secret_key: str | None = None, **config: Any) -> Any:
     """A boto3 S3 client for ``endpoint`` with the test credentials (or the caller's own)."""
     return boto3.session.Session().client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", ACCESS_KEY),
-        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+        aws_access_key_id=access_key or os.environ.get("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+        aws_secret_access_key=secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
         region_name=os.environ.get("AWS_DEFAULT_REGION", REGION),
         config=botocore.config.Config(s3={"addressing_style": "path"}, **config),
     )
@@ -101,9 +102,14 @@ def remove_bucket(s3: Any, bucket: str) -> None:
 class S3Server:
     """A SeaweedFS S3 endpoint for the duration of a ``with`` block (or start()/stop())."""
 
-    def __init__(self, startup_timeout: float = 60.0) -> None:
+    def __init__(self, startup_timeout: float = 60.0, identities: list[dict[str, Any]] | None = None) -> None:
+        """``identities``: enforce credentials, SeaweedFS ``-s3.config`` style (``name``,
+        ``credentials`` [{accessKey, secretKey}], ``actions`` such as Admin, Read, List, Write);
+        never for an external endpoint (``LAYERVAULT_TEST_S3_ENDPOINT``). Without them the
+        server accepts any signature."""
         self.startup_timeout = startup_timeout
-        self.external = os.environ.get(ENDPOINT_ENV) or None
+        self.identities = identities
+        self.external = (os.environ.get(ENDPOINT_ENV) or None) if identities is None else None
         self.endpoint = self.external or ""
         self.workdir: pathlib.Path | None = None
         self.log_path: pathlib.Path | None = None
@@ -114,10 +120,17 @@ class S3Server:
 
     @property
     def admin(self) -> Any:
-        """One boto3 client for fixtures (making a client costs ~80 ms; clients are thread-safe)."""
+        """One boto3 client for fixtures (making a client costs ~80 ms; clients are thread-safe);
+        with ``identities``, it signs as the first identity."""
         if self._admin is None:
-            self._admin = client(self.endpoint)
+            self._admin = client(self.endpoint, **self._signing())
         return self._admin
+
+    def _signing(self) -> dict[str, Any]:
+        if not self.identities:
+            return {}
+        first = self.identities[0]["credentials"][0]
+        return {"access_key": first["accessKey"], "secret_key": first["secretKey"]}
 
     def __enter__(self) -> S3Server:
         self.start()
@@ -162,6 +175,10 @@ class S3Server:
             f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin_grpc']}", "-admin.ui=false",
             "-webdav=false", f"-webdav.port={p['webdav']}",
         ]
+        if self.identities is not None:
+            config = self.workdir / "s3.json"
+            config.write_text(json.dumps({"identities": self.identities}))
+            self.command.append(f"-s3.config={config}")
         # Without AWS credentials in its environment the server runs open (no identities),
         # so any key pair the tests sign with is accepted.
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -177,7 +194,7 @@ class S3Server:
 
     def _wait_ready(self) -> None:
         """Poll ListBuckets until it answers, then warm up the first write (volume growth)."""
-        s3 = client(self.endpoint, retries={"max_attempts": 1}, connect_timeout=1, read_timeout=10)
+        s3 = client(self.endpoint, **self._signing(), retries={"max_attempts": 1}, connect_timeout=1, read_timeout=10)
         deadline = time.monotonic() + self.startup_timeout
         last: Exception | None = None
         while True:

@@ -1,5 +1,6 @@
-"""Security of the daemons: TLS and mutual TLS, the listen/dial rule, the unix socket's
-permissions, per-job tokens, and storage credentials kept out of logs, errors and manifests.
+"""Security of the daemons: TLS and mutual TLS, the listen/dial rule (the /metrics listener
+included), the unix socket's permissions, per-job tokens, and storage credentials kept out of
+logs, errors and manifests.
 
 Real servers throughout; certificates come from a throw-away CA (tests/pki.py).
 """
@@ -11,18 +12,23 @@ import logging
 import os
 import pathlib
 import secrets
+import socket
+import ssl
 import stat
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 import layervault as lv
 from layervault.agent.auth import TokenFileError, TokenTable
+from layervault.agent.metrics import serve_metrics
 from layervault.agent.security import ServerSecurity, resolve_group
 from layervault.agent.server import start_agent, start_coordinator
 from layervault.agent.storage import open_store
@@ -160,6 +166,59 @@ def test_plaintext_only_on_loopback_unless_insecure(tmp_path):
     opened.stop(grace=0)
     for loopback in ("127.0.0.1", "localhost", "::1"):
         start_coordinator(store, loopback, 0).stop(grace=0)
+
+
+def _scrape(url: str, context: ssl.SSLContext | None = None) -> str:
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        return response.read().decode()
+
+
+def test_metrics_listener_uses_the_daemons_tls(pki, tmp_path):
+    """With TLS configured, /metrics is HTTPS with the daemon's certificate, on all interfaces
+    too; with --tls-ca a scraper shows a certificate that CA signed, as every gRPC client must."""
+    url = (tmp_path / "store").as_uri()
+    mutual = start_coordinator(open_store(url), "0.0.0.0", 0, security=ServerSecurity(tls=_tls(pki)), metrics_port=0)
+    server_only = start_coordinator(open_store(url), "127.0.0.1", 0, security=ServerSecurity(tls=_tls(pki, ca=False)),
+                                    metrics_port=0)
+    try:
+        port = mutual.metrics_address.rsplit(":", 1)[1]
+        metrics = f"https://127.0.0.1:{port}/metrics"
+        scraper = ssl.create_default_context(cafile=str(pki["ca"]))
+        scraper.load_cert_chain(str(pki["client"].cert), str(pki["client"].key))
+        assert "layervault_coordinator_saves_committed_total" in _scrape(metrics, scraper)
+        for refused in (ssl.create_default_context(cafile=str(pki["ca"])),  # no client certificate
+                        _rogue_scraper(pki)):                               # one of another CA
+            with pytest.raises(OSError):
+                _scrape(metrics, refused)
+        with pytest.raises(OSError):  # plaintext HTTP on the TLS port
+            _scrape(f"http://127.0.0.1:{port}/metrics")
+        with socket.create_connection(("127.0.0.1", int(port))):  # silent: must not stall other scrapes
+            assert "process_resident_memory_bytes" in _scrape(metrics, scraper)
+        # Without --tls-ca: HTTPS that any scraper trusting the CA may read.
+        assert "layervault_coordinator" in _scrape(f"https://{server_only.metrics_address}/metrics",
+                                                   ssl.create_default_context(cafile=str(pki["ca"])))
+    finally:
+        mutual.stop(grace=0)
+        server_only.stop(grace=0)
+
+
+def _rogue_scraper(pki: dict) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    context.load_cert_chain(str(pki["rogue"].cert), str(pki["rogue"].key))
+    return context
+
+
+def test_plaintext_metrics_only_on_loopback_unless_insecure():
+    with pytest.raises(TlsConfigError, match=r"refusing to serve metrics on 0\.0\.0\.0:0 without TLS.*--insecure"):
+        serve_metrics(CollectorRegistry(), "0.0.0.0", 0)
+    for host, insecure in (("0.0.0.0", True), ("127.0.0.1", False), ("::1", False)):
+        endpoint = serve_metrics(CollectorRegistry(), host, 0, insecure=insecure)
+        try:
+            assert endpoint.url.startswith("http://")
+            assert "python_info" in _scrape(f"http://{'[::1]' if host == '::1' else '127.0.0.1'}:"
+                                            f"{endpoint.address.rsplit(':', 1)[1]}/metrics")
+        finally:
+            endpoint.close()
 
 
 def test_cli_names_the_flag_problem(tmp_path):

@@ -314,6 +314,8 @@ def test_s3_missing_bucket(s3_server) -> None:
     store = open_store(f"s3://{bucket}/p")
     with pytest.raises(StorageError, match=bucket) as info:
         store.check()
+    # The operation that failed, the bucket and the prefix, each by name.
+    assert f"HeadBucket in bucket {bucket!r} (prefix 'p')" in str(info.value)
     assert "does not exist" in str(info.value)
     with pytest.raises(ObjectNotFound, match=bucket):
         store.get("k")
@@ -371,6 +373,8 @@ def test_s3_unreachable_endpoint_fails_fast_naming_it(monkeypatch: pytest.Monkey
         with pytest.raises(StorageError, match=endpoint.replace(".", r"\.")) as info:
             action()
         assert not isinstance(info.value, ObjectNotFound)
+        if action is store.check:  # the operation that failed, the bucket and the prefix, each by name
+            assert "HeadBucket in bucket 'some-bucket' (prefix 'p')" in str(info.value)
     assert time.monotonic() - started < 10
 
 

@@ -114,6 +114,15 @@ class _Ambiguity:
             self.maybe_applied = True
 
 
+def _detail(exc: BaseException) -> str:
+    """One botocore failure in a line: the S3 error code, HTTP status and message, or the exception."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        return f"{_code(exc) or 'error'} (HTTP {status}): {err.get('Message', '')}".rstrip(": ")
+    return f"{type(exc).__name__}: {exc}"
+
+
 class S3Store(ObjectStore):
     """Objects below ``prefix`` in ``bucket``; key ``a/b`` is the S3 key ``prefix/a/b``.
 
@@ -206,13 +215,7 @@ class S3Store(ObjectStore):
             return ObjectNotFound(f"{op} {where}: no such object (bucket {self.bucket!r}, key {key!r})")
         if code == "NoSuchBucket":
             return ObjectNotFound(f"{op} {where}: bucket {self.bucket!r} does not exist at {self.endpoint}")
-        if isinstance(exc, botocore.exceptions.ClientError):
-            err = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-            detail = f"{code or 'error'} (HTTP {status}): {err.get('Message', '')}".rstrip(": ")
-        else:
-            detail = f"{type(exc).__name__}: {exc}"
-        return StorageError(f"{op} {where} at {self.endpoint} failed: {tries}{detail}")
+        return StorageError(f"{op} {where} at {self.endpoint} failed: {tries}{_detail(exc)}")
 
     def _count_retry(self, exc: BaseException) -> None:
         self.stats.add(retries=1)
@@ -493,36 +496,46 @@ class S3Store(ObjectStore):
     def check(self) -> None:
         """Prove the bucket exists and the credentials may list, write, read and delete.
 
-        The first request is tried only a few times within seconds: an agent started
-        against a wrong endpoint should say so at once, not after the full retry deadline.
+        A failure names the S3 operation that failed (HeadBucket, ListObjectsV2, PutObject,
+        GetObject, DeleteObjects), the bucket, the prefix and the endpoint. The first request
+        is tried only a few times within seconds: an agent started against a wrong endpoint
+        should say so at once, not after the full retry deadline.
         """
         try:
             call_with_retries(lambda: self._client.head_bucket(Bucket=self.bucket), _CHECK_RETRY,
                               on_retry=self._count_retry)
         except (RetriesExhausted, *_S3Error) as exc:
-            if isinstance(exc, RetriesExhausted):
-                exc = exc.last
-            code = _code(exc)
+            last = exc.last if isinstance(exc, RetriesExhausted) else exc
+            code = _code(last)
             if code in ("404", "NoSuchBucket", "NotFound"):
-                raise StorageError(
-                    f"check of {self.url}: bucket {self.bucket!r} does not exist at {self.endpoint} "
-                    "(create it, or fix the bucket in the URL)"
-                ) from exc
-            if code in ("403", "AccessDenied"):
-                raise StorageError(
-                    f"check of {self.url}: access to bucket {self.bucket!r} at {self.endpoint} is denied "
-                    "(check AWS_ACCESS_KEY_ID / AWS_PROFILE and the bucket policy)"
-                ) from exc
-            raise StorageError(f"check of {self.url}: {self._error('HeadBucket', None, exc)}") from exc
+                why = "the bucket does not exist (create it, or fix the bucket in the URL)"
+            elif code in ("403", "AccessDenied"):
+                why = "access denied (check AWS_ACCESS_KEY_ID / AWS_PROFILE and the bucket policy)"
+            else:
+                why = (f"{exc.summary()}; last error: " if isinstance(exc, RetriesExhausted) else "") + _detail(last)
+            raise StorageError(self._check_failed("HeadBucket", why)) from last
+        probe = f".layervault-probe-{uuid.uuid4().hex}"  # unique: several agents may check one store at once
+        self._check_step("ListObjectsV2", lambda: self._run(
+            "ListObjectsV2 in", None, lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)))
+        self._check_step("PutObject", lambda: self.put(probe, b"ok"), probe)
+        if self._check_step("GetObject", lambda: self.get(probe), probe) != b"ok":
+            raise StorageError(self._check_failed("GetObject", f"reading back {probe!r} returned other bytes"))
+        self._check_step("DeleteObjects", lambda: self.delete([probe]), probe)
+
+    def _check_failed(self, op: str, why: str, key: str | None = None) -> str:
+        what = f"of {key!r} " if key else ""
+        return (f"check of {self.url}: {op} {what}in bucket {self.bucket!r} (prefix {self.prefix!r}) "
+                f"at {self.endpoint} failed: {why}")
+
+    def _check_step(self, op: str, fn: Callable[[], T], key: str | None = None) -> T:
         try:
-            self._run("ListObjectsV2 in", None,
-                      lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1))
+            return fn()
         except StorageError as exc:
-            raise StorageError(f"check of {self.url}: {exc}") from exc
-        try:
-            super().check()  # put, get and delete of a probe key below the prefix
-        except StorageError as exc:
-            raise StorageError(f"check of {self.url} (prefix {self.prefix!r}): {exc}") from exc
+            cause = exc.__cause__
+            why = _detail(cause) if isinstance(cause, _S3Error) else str(exc)
+            if isinstance(cause, botocore.exceptions.ClientError) and _code(cause) in ("403", "AccessDenied"):
+                why += " (check AWS_ACCESS_KEY_ID / AWS_PROFILE and the bucket policy)"
+            raise StorageError(self._check_failed(op, why, key)) from exc
 
     def create_bucket(self) -> None:
         """Create the bucket if it does not exist (tests and the demo; operators make their own)."""
