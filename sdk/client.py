@@ -183,14 +183,24 @@ def agent_client(agent: str | AgentClient | None, shared_memory: bool | None = N
     return client
 
 
+#: Copied and checksummed at a time: still in the cache when checksummed. The 1.1 GB bench state
+#: into the pool, copy + CRC32C: 0.190 s in 4 MiB steps, 0.170 s in 1 MiB, 0.162 s in 512 KiB,
+#: 0.171 s in 256 KiB (Python's per-step cost); the copy alone 0.108 s on that run.
+_CHECKSUM_STEP = 512 << 10
+
+
 def _copy_and_checksum(source: ByteSource, offset: int, dst: memoryview, chunk_size: int) -> list[int]:
-    """Copy ``source[offset:]`` into ``dst`` one chunk at a time, each checksummed while it is
-    still in the cache: the CRC32Cs the agent checks before it uploads (see agent.proto Piece)."""
+    """Copy ``source[offset:]`` into ``dst`` and return the CRC32C of each chunk-size span: the
+    checksums the agent checks before it uploads (see agent.proto Piece)."""
     crcs = []
-    for start in range(0, len(dst), chunk_size):
-        span = dst[start:start + chunk_size]
-        source.copy_to(offset + start, span)
-        crcs.append(crc32c(span))
+    for chunk in range(0, len(dst), chunk_size):
+        end = min(len(dst), chunk + chunk_size)
+        crc = 0
+        for start in range(chunk, end, _CHECKSUM_STEP):
+            span = dst[start:min(end, start + _CHECKSUM_STEP)]
+            source.copy_to(offset + start, span)
+            crc = crc32c(span, crc)
+        crcs.append(crc)
     return crcs
 
 
