@@ -154,9 +154,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     # -- resume after a restart (agent/journal.py, agent/resume.py) ---------------------------------
 
     def _journal(self, open_msg: agent_pb2.SaveOpen, save_id: str) -> JournalFile | None:
-        """The journal of a new save, or None when it could not be resumed anyway: incremental saves
-        (their reuse index is not journaled)."""
-        if self.state is None or open_msg.incremental:
+        """The journal of a new save (None when the agent keeps none)."""
+        if self.state is None:
             return None
         return self.state.journal(self.pool.path, open_msg, save_id)
 
@@ -184,9 +183,14 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         def done(session: SaveSession) -> None:
             self.reports.submit(self._session_done, session, auth).add_done_callback(lambda _: on_closed(session))
 
+        reuse = None
+        if plan.open.incremental:  # the same base as before the restart: chunks it references are referenced again
+            id_ = plan.open.id
+            base = load_base(self.catalog, id_.job, id_.kind, plan.base_step, plan.base_save_id)
+            reuse = ReuseIndex(base, plan.open.config.compressor)
         session = SaveSession(plan.open, plan.save_id, pool, self.store, self.uploads,  # type: ignore[arg-type]
                               plan.chunk_size, done, metrics=self.metrics, journal=journal, rates=self.store_rates,
-                              auth_digest=plan.auth_digest)
+                              auth_digest=plan.auth_digest, reuse=reuse)
         id_ = plan.open.id
         with self._lock:
             self._sessions[(id_.job, id_.kind, id_.step, plan.open.rank)] = session

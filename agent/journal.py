@@ -89,6 +89,8 @@ class SaveJournal:
     pieces: list[StagedPiece]
     generation: int = 0  # agents that resumed it so far; each uploads under fresh chunk indices
     auth_digest: str = ""  # SHA-256 of the rank's job token (never the token: see agent/auth.py token_digest)
+    base_step: int = 0     # incremental saves: the base checkpoint unchanged chunks are referenced from
+    base_save_id: str = ""
 
     @property
     def label(self) -> str:
@@ -104,7 +106,7 @@ class SaveJournal:
             "format": FORMAT, "save_id": self.save_id, "generation": self.generation,
             "pool": {"path": self.pool_path, "size": self.pool_size}, "chunk_size": self.chunk_size,
             "pieces": [[p.entry, p.entry_offset, p.pool_offset, p.length, list(p.chunk_crc32c)] for p in self.pieces],
-            "auth": self.auth_digest,
+            "auth": self.auth_digest, "base": [self.base_step, self.base_save_id],
             "open": json_format.MessageToDict(self.open),
         }, separators=(",", ":")).encode()
 
@@ -123,6 +125,7 @@ class SaveJournal:
                 save_id=str(doc["save_id"]), pool_path=str(doc["pool"]["path"]), pool_size=int(doc["pool"]["size"]),
                 chunk_size=int(doc["chunk_size"]), generation=int(doc["generation"]),
                 pieces=[_staged_piece(p) for p in doc["pieces"]], auth_digest=str(doc.get("auth", "")),
+                base_step=int(doc.get("base", [0, ""])[0]), base_save_id=str(doc.get("base", [0, ""])[1]),
             )
         except (KeyError, TypeError, ValueError, json_format.ParseError) as exc:
             raise JournalError(f"journal {where} is malformed: {type(exc).__name__}: {exc}") from None

@@ -246,8 +246,11 @@ class SaveSession:
                 return
             durable = [DurableChunk(s.index, tuple(s.chain or ()), ref) for s in self.entries for ref in s.chunks]
             pieces = list(self._pieces)
+        base = self.reuse.base if self.reuse is not None else None
         self.journal.write(SaveJournal(self.open, self.save_id, str(self.pool.path), self.pool.size,
-                                       self.chunk_size, pieces, auth_digest=self.auth_digest), durable)
+                                       self.chunk_size, pieces, auth_digest=self.auth_digest,
+                                       base_step=base.step if base is not None else 0,
+                                       base_save_id=base.save_id if base is not None else ""), durable)
 
     def resume(self, plan: SaveJournal, durable: list[DurableChunk]) -> int:
         """Finish a save that an earlier agent process journaled: keep its durable chunks, cut the

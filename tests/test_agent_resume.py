@@ -191,6 +191,35 @@ def test_a_save_made_with_a_job_token_resumes_without_the_token_on_disk(node_fac
 
 @pytest.mark.slow
 @pytest.mark.s3
+def test_an_incremental_save_resumes_and_still_references_its_base(node_factory):
+    """The journal names the base checkpoint; the restarted agent references the unchanged
+    chunks from it again instead of uploading them."""
+    node = node_factory()
+    model, _ = _trained(0)
+    mm = ModelManager(lv.ModelConfig(job="incr", name="mlp", incremental=True, compressor="none"), agent=node.address)
+    mm.save(model, step=1).wait(timeout=60)
+    with torch.no_grad():
+        model[4].weight.add_(1.0)  # the last layer trains, the first two are frozen
+
+    node.proxy.limit(64 * 1024)  # the base manifest's GET gets through, the 1 MiB PUT of the trained layer stalls
+    results: dict = {}
+    waiter = _waiter(mm.save(model, step=2), results, "model")
+    assert len(node.journals()) == 1
+    node.kill_and_restart_agent()
+    waiter.join(150)
+    assert results["model"].id.step == 2, results
+
+    manifest = mm.client.resolve("incr", "model", {"step": "2"})
+    base_keys = {c.key for s in mm.client.resolve("incr", "model", {"step": "1"}).shards for c in s.chunks}
+    referenced = {s.name for s in manifest.shards if all(c.key in base_keys for c in s.chunks)}
+    assert {"0.weight", "0.bias", "2.weight", "2.bias", "4.bias"} <= referenced and "4.weight" not in referenced
+    fresh, _ = _trained(1)
+    mm.load(fresh, step=2)
+    assert _same_state(fresh.state_dict(), model.state_dict())
+
+
+@pytest.mark.slow
+@pytest.mark.s3
 def test_chunks_durable_before_the_kill_are_kept_even_where_their_memory_was_reused(node_factory):
     """12 MiB through an 8 MiB pool: the last 4 MiB are staged where the first 4 MiB were, after
     those were uploaded. Only the 4 chunks that never reached S3 are uploaded again, from the pool."""
