@@ -1,6 +1,6 @@
 """Load test: N ranks x M back-to-back asynchronous saves on one agent.
 
-Four gloo ranks each hand off five 8 MiB model checkpoints without waiting in between
+Four gloo ranks each hand off five 64 MiB model checkpoints without waiting in between
 (one ``save()`` handle per step, all waited at the end), so hand-offs of later steps overlap
 the uploads and commits of earlier ones on a 64 MiB pool. Every save must commit, every step
 must be listed in storage with all four ranks' shards and read back bit-identically, none
@@ -24,7 +24,7 @@ from services import ServiceProcess
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
 MIB = 1 << 20
-RANKS, STEPS, TENSORS, TENSOR_MIB = 4, 5, 8, 1
+RANKS, STEPS, TENSORS, TENSOR_MIB = 4, 5, 16, 4
 
 
 def test_four_ranks_five_back_to_back_saves_all_commit(s3_bucket, tmp_path, record_property):
