@@ -38,8 +38,8 @@ from layervault.agent.save_session import SaveSession, validate_open
 from layervault.agent.security import ServerSecurity
 from layervault.agent.staging import StagingPool
 from layervault.agent.storage import ObjectStore
-from layervault.errors import (ChecksumError, DeadlineError, InvalidArgumentError, LayervaultError, SaveFailedError, UnavailableError,
-                               error_from_rpc)
+from layervault.errors import (ChecksumError, DeadlineError, InvalidArgumentError, LayervaultError, SaveFailedError,
+                               UnavailableError, error_from_rpc)
 from layervault.stream_frames import DataFrame, RestoreFrame
 from layervault.proto import agent_pb2, agent_pb2_grpc, common_pb2, coordinator_pb2, coordinator_pb2_grpc, manifest_pb2
 

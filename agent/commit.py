@@ -324,7 +324,8 @@ class CommitCoordinator:
             while pending is not None and pending.info is None and pending.error is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise DeadlineError(f"{pending.label}: not committed after {req.timeout_s:.0f}s: {pending.missing(self.describe_agent)}")
+                    raise DeadlineError(f"{pending.label}: not committed after {req.timeout_s:.0f}s: "
+                                        f"{pending.missing(self.describe_agent)}")
                 self._cond.wait(min(remaining, 1.0))
                 self._expire_locked()
             if pending is not None:
