@@ -16,7 +16,7 @@ import builtins
 import dataclasses
 import threading
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class StorageError(Exception):
@@ -174,10 +174,19 @@ class ObjectStore(abc.ABC):
         """Prove the store is usable (bucket exists, credentials work). Raises StorageError."""
         # A unique name: several agents may check one shared store at the same moment.
         probe = f".layervault-probe-{uuid.uuid4().hex}"
-        self.put(probe, b"ok")
-        if self.get(probe) != b"ok":
-            raise StorageError(f"{self.url}: read back of {probe!r} returned different bytes")
-        self.delete([probe])
+
+        def read_back() -> None:
+            if self.get(probe) != b"ok":
+                raise StorageError(f"{self.url}: read back of {probe!r} returned different bytes")
+
+        self._check_step("put", lambda: self.put(probe, b"ok"), probe)
+        self._check_step("get", read_back, probe)
+        self._check_step("delete", lambda: self.delete([probe]), probe)
+
+    def _check_step(self, step: str, run: Callable[[], object], key: str | None = None) -> None:
+        """One step of :meth:`check` (``put``, ``get``, ``delete`` of ``key``); a backend may
+        override it to say which of its operations failed, and where."""
+        run()
 
     def close(self) -> None:
         """Release connections; the store may not be used afterwards."""

@@ -123,6 +123,10 @@ def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+#: The S3 operation behind each step of :meth:`S3Store.check`, for its messages.
+_CHECK_OPERATIONS = {"list": "ListObjectsV2", "put": "PutObject", "get": "GetObject", "delete": "DeleteObjects"}
+
+
 class S3Store(ObjectStore):
     """Objects below ``prefix`` in ``bucket``; key ``a/b`` is the S3 key ``prefix/a/b``.
 
@@ -514,22 +518,20 @@ class S3Store(ObjectStore):
             else:
                 why = (f"{exc.summary()}; last error: " if isinstance(exc, RetriesExhausted) else "") + _detail(last)
             raise StorageError(self._check_failed("HeadBucket", why)) from last
-        probe = f".layervault-probe-{uuid.uuid4().hex}"  # unique: several agents may check one store at once
-        self._check_step("ListObjectsV2", lambda: self._run(
+        self._check_step("list", lambda: self._run(
             "ListObjectsV2 in", None, lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)))
-        self._check_step("PutObject", lambda: self.put(probe, b"ok"), probe)
-        if self._check_step("GetObject", lambda: self.get(probe), probe) != b"ok":
-            raise StorageError(self._check_failed("GetObject", f"reading back {probe!r} returned other bytes"))
-        self._check_step("DeleteObjects", lambda: self.delete([probe]), probe)
+        super().check()  # put, get and delete of a probe object below the prefix
 
     def _check_failed(self, op: str, why: str, key: str | None = None) -> str:
         what = f"of {key!r} " if key else ""
         return (f"check of {self.url}: {op} {what}in bucket {self.bucket!r} (prefix {self.prefix!r}) "
                 f"at {self.endpoint} failed: {why}")
 
-    def _check_step(self, op: str, fn: Callable[[], T], key: str | None = None) -> T:
+    def _check_step(self, step: str, run: Callable[[], object], key: str | None = None) -> None:
+        """Run one step of :meth:`check`; a failure names its S3 operation, bucket and prefix."""
+        op = _CHECK_OPERATIONS[step]
         try:
-            return fn()
+            run()
         except StorageError as exc:
             cause = exc.__cause__
             why = _detail(cause) if isinstance(cause, _S3Error) else str(exc)
