@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 
+import grpc
 import pytest
 import torch
 from hypothesis import given
@@ -96,11 +97,21 @@ def test_a_state_with_an_unsupported_dtype_is_refused_naming_the_tensor(agent, g
     mm = ModelManager(lv.ModelConfig(job="sdk-fuzz-bad", name="state"), agent=agent.agent_address)
     step = next(steps)
     with pytest.raises(lv.InvalidArgumentError, match=rf"{bad_name}.*{str(bad.dtype).removeprefix('torch.')}|"
-                                                       rf"{str(bad.dtype).removeprefix('torch.')}.*{bad_name}"):
+                                                       rf"{str(bad.dtype).removeprefix('torch.')}.*{bad_name}") as raised:
         mm.save({**good, bad_name: bad}, step=step).wait(60)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(lv.NotFoundError):
         mm.load({name: torch.empty_like(t) for name, t in good.items()}, step=step)
     assert AgentClient(agent.agent_address).stats().pool_in_use == 0
+
+
+def test_a_sparse_tensor_is_refused_naming_it(agent):
+    mm = ModelManager(lv.ModelConfig(job="sdk-sparse", name="state"), agent=agent.agent_address)
+    with pytest.raises(lv.InvalidArgumentError,
+                       match=r"^'emb' is a torch.sparse_coo tensor; convert it to dense first$") as raised:
+        mm.save({"w": torch.ones(3), "emb": torch.eye(3).to_sparse()}, step=1)
+    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert mm.checkpoints() == []
 
 
 @fuzz_settings(20)

@@ -32,7 +32,7 @@ from layervault.proto import manifest_pb2
 from layervault.torch.dtypes import dtype_name
 from layervault.torch.incarnation import job_incarnation
 from layervault.placement import assign_owners
-from layervault.torch.tensors import TensorSink, TensorSource, whole_layout
+from layervault.torch.tensors import TensorSink, TensorSource, check_savable, whole_layout
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -65,12 +65,7 @@ class _Manager(ManagerBase):
         for name, tensor in tensors.items():  # on every rank, whichever stores the tensor: the same error everywhere
             if not isinstance(tensor, torch.Tensor):
                 raise InvalidArgumentError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
-            if tensor.layout != torch.strided:
-                raise InvalidArgumentError(f"{name!r} is a {tensor.layout} tensor; convert it to dense first")
-            try:
-                dtype_name(tensor.dtype)
-            except InvalidArgumentError as exc:
-                raise InvalidArgumentError(f"{name!r}: {exc}") from None
+            check_savable(tensor, name)
         owners = assign_owners({n: t.numel() * t.element_size() for n, t in tensors.items()}, world_size)
         mine = [SaveEntry(n, whole_layout(t), TensorSource(t)) for n, t in tensors.items() if owners[n] == rank]
         ref = CheckpointRef(self.config.job, self.kind, step)

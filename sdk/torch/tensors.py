@@ -27,6 +27,18 @@ def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     return _flat(t).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
+def check_savable(tensor: torch.Tensor, name: str | None = None) -> None:
+    """Refuse a tensor layervault cannot store (not dense, or a dtype without a manifest name),
+    naming it when ``name`` is given."""
+    what = repr(name) if name is not None else "the tensor"
+    if tensor.layout != torch.strided:
+        raise InvalidArgumentError(f"{what} is a {tensor.layout} tensor; convert it to dense first")
+    try:
+        dtype_name(tensor.dtype)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{what}: {exc}") from None
+
+
 def _version(t: torch.Tensor) -> int | None:
     try:
         return t._version  # detach() shares it; a non-contiguous tensor was copied, a snapshot
@@ -39,8 +51,7 @@ class TensorSource:
 
     def __init__(self, tensor: torch.Tensor) -> None:
         t = tensor.detach()
-        if t.is_sparse or t.layout != torch.strided:
-            raise InvalidArgumentError(f"cannot save a {t.layout} tensor; convert it to dense first")
+        check_savable(t)
         self.tensor = t.contiguous()
         self._u8 = _bytes_view(self.tensor)
         self._flat = _flat(self.tensor)
