@@ -44,7 +44,8 @@ def _print_status(state: DeploymentStatus) -> None:
         return
     if state.coordinator is not None:
         c = state.coordinator
-        metrics = f"  metrics http://{c.metrics_address}/metrics" if c.metrics_address else ""
+        scheme = "https" if c.options.tls_cert else "http"  # metrics follow the daemons' TLS (agent/metrics.py)
+        metrics = f"  metrics {scheme}://{c.metrics_address}/metrics" if c.metrics_address else ""
         print(f"coordinator  {c.address}  node {c.node_id[:12]}  pid {c.pid}  storage {c.options.storage}{metrics}")
     else:
         print(f"coordinator  NOT SERVING: {state.coordinator_problem or 'no coordinator actor'}")
