@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import layervault as lv
-from layervault.agent.journal import JournalFile, SaveJournal, StagedPiece, StateDir
+from layervault.agent.journal import JournalError, JournalFile, SaveJournal, StagedPiece, StateDir
 from layervault.agent.server import start_agent, start_coordinator
 from layervault.agent.staging import POOL_PREFIX, hold_path, remove_stale_pools
 from layervault.agent.storage import open_store
@@ -191,6 +191,30 @@ def test_a_save_made_with_a_job_token_resumes_without_the_token_on_disk(node_fac
 
 @pytest.mark.slow
 @pytest.mark.s3
+def test_a_token_save_is_not_resumed_when_the_restarted_agent_lacks_the_token(node_factory, tmp_path):
+    token = "resume-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token} secured\n")
+    tokens.chmod(0o600)
+    node = node_factory(tokens=tokens)
+    model, _ = _trained(0)
+    mm = ModelManager(lv.ModelConfig(job="secured", name="mlp"), agent=AgentClient(node.address, token=token))
+    node.proxy.limit(0)
+    results: dict = {}
+    waiter = _waiter(mm.save(model, step=1), results, "model")
+    assert len(node.journals()) == 1
+
+    tokens.write_text("another-token-0123456789abcdef secured\n")  # the restarted agent reads this file
+    node.kill_and_restart_agent()
+    waiter.join(150)
+    assert isinstance(results["model"], LayervaultError), results
+    assert ("not resumed: it was saved with a job token that this agent's --tokens file does not hold"
+            in node.agent.log_path.read_text())
+    assert node.journals() == []
+
+
+@pytest.mark.slow
+@pytest.mark.s3
 def test_an_incremental_save_resumes_and_still_references_its_base(node_factory):
     """The journal names the base checkpoint; the restarted agent references the unchanged
     chunks from it again instead of uploading them."""
@@ -312,6 +336,13 @@ def test_unusable_journals_are_skipped_with_a_log_line(tmp_path, caplog):
     finally:
         agent.stop(0)
         coordinator.stop(0)
+
+
+def test_a_journal_whose_chunk_checksums_do_not_match_its_chunks_is_refused(tmp_path):
+    plan = SaveJournal(_open_message("j", 2 * MiB), "abc", "/dev/shm/x", 4 * MiB, MiB,
+                       [StagedPiece(0, 0, 0, 2 * MiB, (1, 2, 3))])  # 2 chunks, 3 checksums
+    with pytest.raises(JournalError, match=r"piece \(0, 0, 0, 2097152\) has 3 chunk checksums for its chunks"):
+        SaveJournal.decode(plan.encode(), tmp_path / "j.journal")
 
 
 def test_stale_pools_are_removed_unless_a_journal_holds_them(tmp_path):

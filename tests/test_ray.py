@@ -302,3 +302,15 @@ def test_errors_name_what_is_wrong(cluster, tmp_path, socket_dir, deployed, monk
     head = next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
     assert ray.get_runtime_context().get_node_id() == head
     assert AgentClient().address == lvray.agent_address() == f"unix://{socket_dir}/agent-{head[:16]}.sock"
+
+
+@pytest.mark.parametrize("knob, value, message", [
+    ("handoff_wait_ms", -1, "handoff-wait-ms must be a whole number of milliseconds >= 0"),
+    ("store_write_gbps", 0, "store-write-gbps must be a rate in GB/s > 0"),
+    ("store_read_gbps", float("inf"), "store-read-gbps must be a rate in GB/s > 0"),
+    ("agent_metrics_port", 70000, "agent-metrics-port 70000 is not a TCP port"),
+    ("coordinator_metrics_port", -1, "coordinator-metrics-port -1 is not a TCP port"),
+])
+def test_service_options_name_the_bad_knob(knob, value, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        lvray.ServiceOptions("file:///tmp/x", **{knob: value})
